@@ -1,0 +1,90 @@
+//! Builds the Wasm plugins the gateway embeds (`plugins/*`) and the ones its tests use
+//! (`gateway/tests/plugins/*`): each crate is compiled for `wasm32-unknown-unknown` (so
+//! it imports no WASI at all) by a nested cargo with its own target dir, then wrapped as
+//! a component. `src/plugin/builtin.rs` embeds the results.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::{env, fs};
+
+const WASM_TARGET: &str = "wasm32-unknown-unknown";
+
+fn main() {
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let root = manifest.parent().unwrap().to_path_buf();
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap());
+    for dir in ["wit", "sdk", "plugins", "gateway/tests/plugins", "Cargo.toml", "Cargo.lock"] {
+        println!("cargo:rerun-if-changed={}", root.join(dir).display());
+    }
+    println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
+
+    let builtins = crate_dirs(&root.join("plugins"));
+    let test_plugins = crate_dirs(&manifest.join("tests/plugins"));
+    let all: Vec<_> = builtins.iter().chain(&test_plugins).collect();
+
+    let target_dir = env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|d| if d.is_absolute() { d } else { root.join(d) })
+        .unwrap_or_else(|| root.join("target"))
+        .join("wasm-plugins");
+
+    let mut cargo = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cargo
+        .current_dir(&root)
+        .args(["build", "--quiet", "--profile", "plugin", "--target", WASM_TARGET, "--target-dir"])
+        .arg(&target_dir);
+    for (name, _) in &all {
+        cargo.args(["-p", name]);
+    }
+    for var in ["CARGO_ENCODED_RUSTFLAGS", "RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTC_WRAPPER"] {
+        cargo.env_remove(var);
+    }
+    let status = cargo.status().expect("run cargo to build the Wasm plugins");
+    if !status.success() {
+        panic!(
+            "building the Wasm plugins failed (see above). If the {WASM_TARGET} target is missing, run:\n    rustup target add {WASM_TARGET}"
+        );
+    }
+
+    let mut embedded = String::from("/// Built-in strategies: (name, component bytes).\npub const BUILTINS: &[(&str, &[u8])] = &[\n");
+    for (name, dir) in &all {
+        let core = target_dir.join(WASM_TARGET).join("plugin").join(format!("{}.wasm", name.replace('-', "_")));
+        let module = fs::read(&core).unwrap_or_else(|e| panic!("read {}: {e}", core.display()));
+        let component = wit_component::ComponentEncoder::default()
+            .module(&module)
+            .and_then(|e| e.validate(true).encode())
+            .unwrap_or_else(|e| panic!("wrap {} as a component: {e:#}", core.display()));
+        let plugin_name = dir.file_name().unwrap().to_str().unwrap();
+        let dest = out.join(format!("{plugin_name}.wasm"));
+        fs::write(&dest, component).unwrap();
+        if dir.starts_with(root.join("plugins")) {
+            embedded.push_str(&format!("    ({plugin_name:?}, include_bytes!({:?})),\n", dest.display().to_string()));
+        }
+    }
+    embedded.push_str("];\n");
+    fs::write(out.join("builtins.rs"), embedded).unwrap();
+    // Integration tests find the test plugins (trap, spin, wrong-world) here.
+    println!("cargo:rustc-env=GATEWAY_TEST_PLUGINS={}", out.display());
+}
+
+/// (package name, directory) of every crate directly under `dir`.
+fn crate_dirs(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut crates: Vec<_> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("Cargo.toml").is_file())
+        .map(|p| {
+            let manifest = fs::read_to_string(p.join("Cargo.toml")).unwrap();
+            let name = manifest
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("name = "))
+                .map(|n| n.trim_matches('"').to_owned())
+                .unwrap_or_else(|| panic!("{}: no package name", p.display()));
+            (name, p)
+        })
+        .collect();
+    crates.sort();
+    crates
+}

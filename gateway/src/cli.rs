@@ -1,0 +1,254 @@
+//! Command-line interface: the quick-start flags, `demo` and `plugin` subcommands.
+
+use crate::config::{self, Backend, Config, Upstream};
+use clap::{Args, Parser, Subcommand};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+/// A load balancer whose backend choice is made by WebAssembly plugins.
+#[derive(Debug, Parser)]
+#[command(name = "gateway", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Logging options.
+#[derive(Debug, Args, Clone)]
+pub struct LogArgs {
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    pub log_format: LogFormat,
+}
+
+/// How logs are written to stderr.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Options of the default command (run the gateway).
+#[derive(Debug, Args, Clone, Default)]
+pub struct RunArgs {
+    /// Config file (YAML). Cannot be combined with --backend.
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Port to listen on [default: 8080].
+    #[arg(short, long)]
+    pub port: Option<u16>,
+    /// Address to listen on: IP or IP:PORT [default: 127.0.0.1].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// A backend: HOST:PORT[,weight=N][,zone=Z][,id=ID][,label.KEY=VALUE]. Repeat for more.
+    #[arg(short, long = "backend", value_name = "SPEC")]
+    pub backends: Vec<String>,
+    /// Health-check backends with `GET PATH` instead of a TCP connect.
+    #[arg(long, value_name = "PATH")]
+    pub health_path: Option<String>,
+    /// Strategy plugin [default: round-robin].
+    #[arg(long, value_name = "NAME")]
+    pub strategy: Option<String>,
+    /// A plugin param, KEY=VALUE (VALUE parsed as JSON when it is JSON). Repeatable.
+    #[arg(long = "param", value_name = "KEY=VALUE")]
+    pub params: Vec<String>,
+    /// Plugins folder [default: ./plugins].
+    #[arg(long, value_name = "DIR")]
+    pub plugins: Option<PathBuf>,
+    /// Admin API address, e.g. 127.0.0.1:9901 [default: off].
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
+    /// Worker threads [default: one per core].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Do not log one line per request.
+    #[arg(long)]
+    pub no_access_log: bool,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start three built-in book-store backends and the gateway in front of them.
+    Demo {
+        /// Port for the gateway.
+        #[arg(short, long, default_value_t = 8080)]
+        port: u16,
+        /// Admin API address (stop/start demo backends here).
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+    },
+    /// Check, list and export strategy plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+/// `gateway plugin ...`
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Say whether FILE is a valid strategy for this gateway, and what is wrong if not.
+    Check {
+        /// The component file.
+        file: PathBuf,
+        /// Also run its `configure` with these params (JSON).
+        #[arg(long, default_value = "{}")]
+        params: String,
+    },
+    /// List the built-in strategies and those in the plugins folder.
+    List {
+        /// Plugins folder.
+        #[arg(long, default_value = "plugins")]
+        plugins: PathBuf,
+    },
+    /// Write a built-in strategy out as a component file.
+    Export {
+        /// Built-in name, e.g. round-robin.
+        name: String,
+        /// Output file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+impl RunArgs {
+    /// Builds the config: from the file, or from the quick-start flags.
+    pub fn to_config(&self) -> anyhow::Result<Config> {
+        if let Some(path) = &self.config {
+            if !self.backends.is_empty() || self.strategy.is_some() || self.health_path.is_some() || !self.params.is_empty() {
+                anyhow::bail!("--config cannot be combined with --backend, --strategy, --param or --health-path: put them in the file");
+            }
+            let mut config = config::load(path)?;
+            self.apply_overrides(&mut config)?;
+            return Ok(config);
+        }
+        if self.backends.is_empty() {
+            anyhow::bail!("nothing to balance: give backends with -b HOST:PORT (repeatable), or a config file with --config FILE; try `gateway demo` for a self-contained demo");
+        }
+        let backends = self.backends.iter().map(|s| parse_backend(s)).collect::<Result<Vec<_>, _>>()?;
+        let mut upstream = Upstream::with_backends(backends);
+        if let Some(s) = &self.strategy {
+            upstream.strategy.plugin = s.clone();
+        }
+        upstream.strategy.params = parse_params(&self.params)?;
+        upstream.health_check.path = self.health_path.clone();
+        let mut config = Config::single(SocketAddr::from(([127, 0, 0, 1], 8080)), upstream);
+        self.apply_overrides(&mut config)?;
+        config::validate(&config).map_err(|(field, _, message)| anyhow::anyhow!("{field}: {message}"))?;
+        Ok(config)
+    }
+
+    /// Flags that apply with or without a config file.
+    fn apply_overrides(&self, config: &mut Config) -> anyhow::Result<()> {
+        if self.listen.is_some() || self.port.is_some() || self.config.is_none() {
+            let base = config.listeners.first().map(|l| l.address).unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080)));
+            let mut addr = match &self.listen {
+                Some(l) => parse_listen(l, base.port())?,
+                None => base,
+            };
+            if let Some(p) = self.port {
+                addr.set_port(p);
+            }
+            config.listeners = vec![config::Listener { address: addr }];
+        }
+        if let Some(dir) = &self.plugins {
+            config.plugins.dir = dir.clone();
+        }
+        if let Some(admin) = self.admin {
+            config.admin.address = Some(admin);
+        }
+        if let Some(t) = self.threads {
+            config.threads = t;
+        }
+        if self.no_access_log {
+            config.access_log = false;
+        }
+        Ok(())
+    }
+}
+
+fn parse_listen(s: &str, default_port: u16) -> anyhow::Result<SocketAddr> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let ip: IpAddr = s.trim_matches(|c| c == '[' || c == ']').parse().map_err(|_| {
+        anyhow::anyhow!("--listen `{s}`: expected an IP address or IP:PORT, e.g. 0.0.0.0 or 127.0.0.1:8080")
+    })?;
+    Ok(SocketAddr::new(ip, default_port))
+}
+
+/// `HOST:PORT[,weight=N][,zone=Z][,id=ID][,label.KEY=VALUE]`
+pub fn parse_backend(spec: &str) -> anyhow::Result<Backend> {
+    let mut parts = spec.split(',');
+    let address = parts.next().unwrap_or_default().trim();
+    let mut b = Backend::at(address);
+    for opt in parts {
+        let (k, v) = opt
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("backend `{spec}`: option `{opt}` is not KEY=VALUE"))?;
+        match k {
+            "weight" => {
+                b.weight = v
+                    .parse()
+                    .ok()
+                    .filter(|w| *w > 0)
+                    .ok_or_else(|| anyhow::anyhow!("backend `{spec}`: weight `{v}` is not a whole number ≥ 1"))?
+            }
+            "zone" => b.zone = v.into(),
+            "id" => b.id = Some(v.into()),
+            _ => match k.strip_prefix("label.") {
+                Some(label) if !label.is_empty() => {
+                    b.labels.insert(label.into(), v.into());
+                }
+                _ => anyhow::bail!("backend `{spec}`: unknown option `{k}` (known: weight, zone, id, label.KEY)"),
+            },
+        }
+    }
+    Ok(b)
+}
+
+/// `KEY=VALUE` pairs → a JSON object; values that parse as JSON keep their type.
+pub fn parse_params(params: &[String]) -> anyhow::Result<serde_json::Value> {
+    let mut map = serde_json::Map::new();
+    for p in params {
+        let (k, v) = p.split_once('=').ok_or_else(|| anyhow::anyhow!("--param `{p}`: expected KEY=VALUE"))?;
+        let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.into()));
+        map.insert(k.into(), value);
+    }
+    Ok(serde_json::Value::Object(map))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_specs_parse_options_and_refuse_unknown_ones() {
+        let b = parse_backend("127.0.0.1:9001,weight=4,zone=eu,label.canary=true").unwrap();
+        assert_eq!((b.address.as_str(), b.weight, b.zone.as_str()), ("127.0.0.1:9001", 4, "eu"));
+        assert_eq!(b.labels["canary"], "true");
+        let e = parse_backend("127.0.0.1:9001,wieght=4").unwrap_err().to_string();
+        assert!(e.contains("unknown option `wieght`"), "{e}");
+        assert!(parse_backend("127.0.0.1:9001,weight=0").is_err());
+    }
+
+    #[test]
+    fn quick_start_flags_build_one_upstream() {
+        let cli = Cli::parse_from(["gateway", "-p", "9000", "-b", "127.0.0.1:9001", "-b", "127.0.0.1:9002", "--param", "n=3"]);
+        let c = cli.run.to_config().unwrap();
+        assert_eq!(c.listeners[0].address, "127.0.0.1:9000".parse().unwrap());
+        let up = &c.upstreams["default"];
+        assert_eq!(up.backends.len(), 2);
+        assert_eq!(up.strategy.plugin, "round-robin");
+        assert_eq!(up.strategy.params["n"], 3);
+        let c = Cli::parse_from(["gateway", "--listen", "0.0.0.0", "-b", "127.0.0.1:1"]).run.to_config().unwrap();
+        assert_eq!(c.listeners[0].address, "0.0.0.0:8080".parse().unwrap());
+    }
+}

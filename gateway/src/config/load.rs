@@ -1,0 +1,221 @@
+//! Reading a config file, with errors that name the file, line and field.
+
+use super::{Backend, Config};
+use serde::{Deserialize, Deserializer};
+use std::path::{Path, PathBuf};
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The YAML is malformed, a field has the wrong type, is unknown, or is missing.
+    #[error("{}: {field}: {message}", at(path, *line, *column))]
+    Invalid {
+        /// The file (or `<flags>` for the command line).
+        path: PathBuf,
+        /// 1-based line, when known.
+        line: Option<usize>,
+        /// 1-based column, when known.
+        column: Option<usize>,
+        /// Dotted path of the field, e.g. `upstreams.web.backends[0].weight`.
+        field: String,
+        /// What is wrong and what was expected.
+        message: String,
+    },
+}
+
+fn at(path: &Path, line: Option<usize>, column: Option<usize>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!("{}:{l}:{c}", path.display()),
+        (Some(l), None) => format!("{}:{l}", path.display()),
+        _ => path.display().to_string(),
+    }
+}
+
+/// Reads and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    from_yaml(path, &text)
+}
+
+/// Parses and validates `text`, reporting errors against `path`.
+pub fn from_yaml(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        let (line, column) = inner.location().map(|l| (Some(l.line()), Some(l.column()))).unwrap_or_default();
+        // serde_yaml appends " at line X column Y"; we print the position up front instead.
+        let mut message = inner.to_string();
+        if let Some(i) = message.find(" at line ") {
+            message.truncate(i);
+        }
+        let field = if field == "." { "(top level)".to_owned() } else { field };
+        ConfigError::Invalid { path: path.into(), line, column, field, message }
+    })?;
+    validate(&config).map_err(|(field, needle, message)| ConfigError::Invalid {
+        path: path.into(),
+        line: needle.and_then(|n| line_of(text, &n)),
+        column: None,
+        field,
+        message,
+    })?;
+    Ok(config)
+}
+
+/// A semantic problem: (field, text to locate the line by, message).
+type Problem = (String, Option<String>, String);
+
+/// Checks what serde cannot: references between sections and value ranges.
+pub fn validate(config: &Config) -> Result<(), Problem> {
+    if config.listeners.is_empty() {
+        return Err(("listeners".into(), Some("listeners".into()), "at least one listener is required".into()));
+    }
+    if config.upstreams.is_empty() {
+        return Err(("upstreams".into(), Some("upstreams".into()), "at least one upstream is required".into()));
+    }
+    if config.routes.is_empty() && config.upstreams.len() > 1 {
+        return Err((
+            "routes".into(),
+            Some("upstreams".into()),
+            format!(
+                "{} upstreams but no routes: add `routes:` saying which requests go to which upstream",
+                config.upstreams.len()
+            ),
+        ));
+    }
+    for (i, route) in config.routes.iter().enumerate() {
+        if !config.upstreams.contains_key(&route.upstream) {
+            let known: Vec<_> = config.upstreams.keys().map(String::as_str).collect();
+            return Err((
+                format!("routes[{i}].upstream"),
+                Some(format!("upstream: {}", route.upstream)),
+                format!("no upstream named `{}` (defined: {})", route.upstream, known.join(", ")),
+            ));
+        }
+        if !route.path_prefix.starts_with('/') {
+            return Err((
+                format!("routes[{i}].path_prefix"),
+                Some(route.path_prefix.clone()),
+                format!("`{}` must start with `/`", route.path_prefix),
+            ));
+        }
+    }
+    for (name, up) in &config.upstreams {
+        for (i, b) in up.backends.iter().enumerate() {
+            check_address(b).map_err(|m| (format!("upstreams.{name}.backends[{i}].address"), Some(b.address.clone()), m))?;
+            if b.weight == 0 {
+                return Err((
+                    format!("upstreams.{name}.backends[{i}].weight"),
+                    Some(b.address.clone()),
+                    "must be at least 1 (remove the backend or drain it instead)".into(),
+                ));
+            }
+        }
+        let field = |f: &str| format!("upstreams.{name}.{f}");
+        let hc = &up.health_check;
+        if hc.rise == 0 || hc.fall == 0 {
+            return Err((field("health_check"), Some("rise".into()), "rise and fall must be at least 1".into()));
+        }
+        if hc.expect_status.0 > hc.expect_status.1 {
+            return Err((
+                field("health_check.expect_status"),
+                Some("expect_status".into()),
+                "expected [lowest, highest], e.g. [200, 399]".into(),
+            ));
+        }
+        if up.retries.attempts == 0 {
+            return Err((field("retries.attempts"), Some("attempts".into()), "must be at least 1 (1 = no retries)".into()));
+        }
+        if let Some(path) = &hc.path
+            && !path.starts_with('/')
+        {
+            return Err((field("health_check.path"), Some(path.clone()), format!("`{path}` must start with `/`")));
+        }
+    }
+    Ok(())
+}
+
+fn check_address(b: &Backend) -> Result<(), String> {
+    match b.address.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(format!("`{}` is not host:port (e.g. 127.0.0.1:9001)", b.address)),
+    }
+}
+
+/// 1-based number of the first line containing `needle`.
+fn line_of(text: &str, needle: &str) -> Option<usize> {
+    text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+}
+
+/// Deserializes a list that must not be empty.
+pub(super) fn non_empty<'de, D, T>(de: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let v = Vec::<T>::deserialize(de)?;
+    if v.is_empty() {
+        return Err(serde::de::Error::custom("the list is empty: at least one entry is required"));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        from_yaml(Path::new("gw.yaml"), text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = from_yaml(Path::new("gw.yaml"), "upstreams:\n  web:\n    backends:\n      - address: 127.0.0.1:9001\n").unwrap();
+        let up = &c.upstreams["web"];
+        assert_eq!(up.strategy.plugin, "round-robin");
+        assert_eq!(up.health_check.rise, 2);
+        assert_eq!(c.effective_routes()[0].upstream, "web");
+    }
+
+    #[test]
+    fn wrong_type_names_line_and_field() {
+        let e = err("upstreams:\n  web:\n    backends:\n      - address: 127.0.0.1:9001\n        weight: heavy\n");
+        assert!(e.starts_with("gw.yaml:5:"), "{e}");
+        assert!(e.contains("upstreams.web.backends[0].weight"), "{e}");
+        assert!(e.contains("invalid type: string \"heavy\", expected u32"), "{e}");
+    }
+
+    #[test]
+    fn unknown_field_lists_the_expected_ones() {
+        let e = err("upstreams:\n  web:\n    helth_check: {}\n    backends:\n      - address: 127.0.0.1:9001\n");
+        assert!(e.starts_with("gw.yaml:3:"), "{e}");
+        assert!(e.contains("unknown field `helth_check`, expected one of"), "{e}");
+        assert!(e.contains("`health_check`"), "{e}");
+    }
+
+    #[test]
+    fn missing_backends_is_named() {
+        let e = err("upstreams:\n  web:\n    strategy: {plugin: round-robin}\n");
+        assert!(e.contains("gw.yaml:3:"), "{e}");
+        assert!(e.contains("missing field `backends`"), "{e}");
+        let e = err("upstreams:\n  web:\n    backends: []\n");
+        assert!(e.contains("upstreams.web.backends"), "{e}");
+        assert!(e.contains("at least one entry"), "{e}");
+    }
+
+    #[test]
+    fn route_to_unknown_upstream_is_located() {
+        let e = err(
+            "routes:\n  - upstream: nope\nupstreams:\n  web:\n    backends:\n      - address: 127.0.0.1:9001\n",
+        );
+        assert_eq!(e, "gw.yaml:2: routes[0].upstream: no upstream named `nope` (defined: web)");
+    }
+}

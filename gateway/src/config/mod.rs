@@ -1,0 +1,369 @@
+//! The gateway's configuration: plain serde types, defaults and validation.
+//!
+//! Imports no other gateway module. A file is read with [`load`]; the quick-start
+//! flags build the same [`Config`] (see `cli.rs`). Every field is documented with its
+//! default in `docs/config.md`.
+
+mod load;
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use load::{ConfigError, from_yaml, load, validate};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Addresses the proxy accepts client connections on.
+    #[serde(default = "default_listeners")]
+    pub listeners: Vec<Listener>,
+    /// Request → upstream rules, first match wins. Empty: every request goes to the
+    /// only upstream (an error when there are several).
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// Named groups of backends.
+    pub upstreams: BTreeMap<String, Upstream>,
+    /// Where plugin files live and how each call is bounded.
+    #[serde(default)]
+    pub plugins: Plugins,
+    /// Defaults for every upstream's timeouts.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// The admin listener (JSON API, health of the gateway itself).
+    #[serde(default)]
+    pub admin: Admin,
+    /// Worker threads, each with its own event loop and listener socket; 0 = one per core.
+    #[serde(default)]
+    pub threads: usize,
+    /// How long in-flight requests may run on after SIGTERM/SIGINT.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// One log line per request (route, backend, status, latency, attempts).
+    #[serde(default = "yes")]
+    pub access_log: bool,
+}
+
+/// One listening address.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    /// `ip:port`, e.g. `0.0.0.0:8080`.
+    pub address: SocketAddr,
+}
+
+/// A routing rule: requests whose host and path match go to `upstream`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Name shown in logs; defaults to `route-N`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Host to match (without port): exact, or `*.example.com`; none = any host.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Path prefix to match, default `/`.
+    #[serde(default = "default_prefix")]
+    pub path_prefix: String,
+    /// The upstream that serves matching requests.
+    pub upstream: String,
+}
+
+/// A group of backends and how to choose among them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// The backends; at least one.
+    #[serde(deserialize_with = "load::non_empty")]
+    pub backends: Vec<Backend>,
+    /// The selection plugin and its params.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Active health checks.
+    #[serde(default)]
+    pub health_check: HealthCheck,
+    /// Passive health: eject a backend after consecutive failed requests.
+    #[serde(default)]
+    pub passive: Passive,
+    /// Retries on another backend.
+    #[serde(default)]
+    pub retries: Retries,
+    /// Overrides of the global `timeouts`.
+    #[serde(default)]
+    pub timeouts: Option<Timeouts>,
+}
+
+/// One backend server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    /// `host:port` (an IP address; names are resolved once at start).
+    pub address: String,
+    /// Stable id used by plugins (e.g. in sticky cookies); defaults to the address.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Relative weight, default 1.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Zone or region, default empty.
+    #[serde(default)]
+    pub zone: String,
+    /// Free-form labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Which plugin picks the backend.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Strategy {
+    /// Plugin name: a built-in, or `NAME.wasm` in the plugins folder (which wins).
+    #[serde(default = "default_plugin")]
+    pub plugin: String,
+    /// Params handed to the plugin's `configure` as JSON.
+    #[serde(default = "empty_params")]
+    pub params: serde_json::Value,
+}
+
+/// Active health checking of every backend.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// Turn active checks on.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// `GET` this path and expect `expect_status`; none = a TCP connect check.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Accepted status range for HTTP checks, default 200-399.
+    #[serde(default = "default_expect")]
+    pub expect_status: (u16, u16),
+    /// Time between checks, default 2s.
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Time a check may take, default 1s.
+    #[serde(default = "default_check_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down backend up, default 2.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failures that take an up backend down, default 3.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+/// Passive health (Envoy's outlier detection, simplified).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Passive {
+    /// Consecutive failed requests (connect errors, 5xx, timeouts) that eject a backend;
+    /// 0 turns passive ejection off. Default 5.
+    #[serde(default = "default_consecutive")]
+    pub consecutive_failures: u32,
+    /// First ejection time, multiplied by the number of ejections in a row. Default 5s.
+    #[serde(default = "default_ejection", with = "humantime_serde")]
+    pub base_ejection: Duration,
+    /// Longest ejection. Default 60s.
+    #[serde(default = "default_max_ejection", with = "humantime_serde")]
+    pub max_ejection: Duration,
+}
+
+/// Retry policy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retries {
+    /// Total attempts per request, first included. Default 3.
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+    /// Retry idempotent requests (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) that got a 5xx
+    /// or timed out. Connect failures are always retried. Default true.
+    #[serde(default = "yes")]
+    pub on_5xx: bool,
+}
+
+/// Timeouts towards backends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// TCP connect to a backend, default 2s.
+    #[serde(default = "default_connect", with = "humantime_serde")]
+    pub connect: Duration,
+    /// From sending the request to the backend's response headers, default 30s.
+    #[serde(default = "default_response_header", with = "humantime_serde")]
+    pub response_header: Duration,
+}
+
+/// Plugin settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plugins {
+    /// Folder of `NAME.wasm` files; a missing folder is fine. Default `./plugins`.
+    #[serde(default = "default_plugin_dir")]
+    pub dir: PathBuf,
+    /// Longest a `pick` call may run before it is stopped and the fallback answers.
+    /// Default 20ms.
+    #[serde(default = "default_deadline", with = "humantime_serde")]
+    pub deadline: Duration,
+    /// Longest `configure` / `pool-changed` may run. Default 2s.
+    #[serde(default = "default_setup_deadline", with = "humantime_serde")]
+    pub setup_deadline: Duration,
+    /// Linear memory one plugin instance may grow to, in MiB. Default 128.
+    #[serde(default = "default_memory_mib")]
+    pub memory_limit_mib: u32,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// `ip:port`; none turns the admin listener off. Default none.
+    #[serde(default)]
+    pub address: Option<SocketAddr>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> u32 {
+    1
+}
+fn default_listeners() -> Vec<Listener> {
+    vec![Listener { address: SocketAddr::from(([127, 0, 0, 1], 8080)) }]
+}
+fn default_prefix() -> String {
+    "/".into()
+}
+fn default_plugin() -> String {
+    "round-robin".into()
+}
+fn empty_params() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+fn default_expect() -> (u16, u16) {
+    (200, 399)
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_check_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+fn default_consecutive() -> u32 {
+    5
+}
+fn default_ejection() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_ejection() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_attempts() -> u32 {
+    3
+}
+fn default_connect() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_response_header() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_plugin_dir() -> PathBuf {
+    PathBuf::from("plugins")
+}
+fn default_deadline() -> Duration {
+    Duration::from_millis(20)
+}
+fn default_setup_deadline() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_memory_mib() -> u32 {
+    128
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(30)
+}
+
+macro_rules! default_from_serde {
+    ($($ty:ty),*) => {$(
+        impl Default for $ty {
+            /// The documented defaults (the same as an empty YAML map).
+            fn default() -> Self {
+                serde_json::from_value(serde_json::json!({})).expect("all fields have defaults")
+            }
+        }
+    )*};
+}
+default_from_serde!(Strategy, HealthCheck, Passive, Retries, Timeouts, Plugins, Admin);
+
+impl Strategy {
+    /// `plugin` with no params.
+    pub fn named(plugin: impl Into<String>) -> Self {
+        Strategy { plugin: plugin.into(), params: empty_params() }
+    }
+}
+
+impl Backend {
+    /// A backend at `address` with weight 1 and no zone or labels.
+    pub fn at(address: impl Into<String>) -> Self {
+        Backend { address: address.into(), id: None, weight: 1, zone: String::new(), labels: BTreeMap::new() }
+    }
+
+    /// The id plugins see: `id`, or the address.
+    pub fn id(&self) -> &str {
+        self.id.as_deref().unwrap_or(&self.address)
+    }
+}
+
+impl Config {
+    /// A config with one upstream named `default` and one catch-all route to it.
+    pub fn single(listen: SocketAddr, upstream: Upstream) -> Self {
+        let mut upstreams = BTreeMap::new();
+        upstreams.insert("default".to_owned(), upstream);
+        Config {
+            listeners: vec![Listener { address: listen }],
+            routes: Vec::new(),
+            upstreams,
+            plugins: Plugins::default(),
+            timeouts: Timeouts::default(),
+            admin: Admin::default(),
+            threads: 0,
+            shutdown_grace: default_grace(),
+            access_log: true,
+        }
+    }
+
+    /// The routes to apply: the configured ones, or one catch-all to the only upstream.
+    pub fn effective_routes(&self) -> Vec<Route> {
+        if !self.routes.is_empty() {
+            return self.routes.clone();
+        }
+        self.upstreams
+            .keys()
+            .next()
+            .map(|name| Route { name: Some("default".into()), host: None, path_prefix: "/".into(), upstream: name.clone() })
+            .into_iter()
+            .collect()
+    }
+}
+
+impl Upstream {
+    /// An upstream with these backends and every other setting at its default.
+    pub fn with_backends(backends: Vec<Backend>) -> Self {
+        Upstream {
+            backends,
+            strategy: Strategy::default(),
+            health_check: HealthCheck::default(),
+            passive: Passive::default(),
+            retries: Retries::default(),
+            timeouts: None,
+        }
+    }
+}

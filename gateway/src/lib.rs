@@ -1,0 +1,18 @@
+//! A load-balancing gateway whose per-request backend choice is made by WebAssembly
+//! components. The modules follow the request path:
+//! `server` (listeners) → `router` → `upstream` → `select` (→ `plugin`) → `proxy`,
+//! with `pool` the shared state that `health` writes and everything else reads.
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod gateway;
+pub mod health;
+pub mod plugin;
+pub mod pool;
+pub mod proxy;
+pub mod router;
+pub mod select;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,37 @@
+//! The `gateway` binary: parse arguments, build, run. Nothing else.
+
+use clap::Parser;
+use gateway::cli::{Cli, Command, LogFormat, PluginCommand};
+use std::process::ExitCode;
+
+mod commands;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log.log_format);
+    let result = match cli.command {
+        None => commands::run(&cli.run),
+        Some(Command::Demo { port, admin }) => commands::demo(port, admin),
+        Some(Command::Plugin { command }) => match command {
+            PluginCommand::Check { file, params } => commands::plugin_check(&file, &params),
+            PluginCommand::List { plugins } => commands::plugin_list(&plugins),
+            PluginCommand::Export { name, output } => commands::plugin_export(&name, &output),
+        },
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

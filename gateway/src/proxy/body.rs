@@ -1,0 +1,152 @@
+//! Body types of the proxy: streamed both ways, never buffered whole.
+
+use crate::pool::ActiveGuard;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+/// The body of a request sent to a backend.
+#[derive(Debug)]
+pub enum RequestBody {
+    /// No body (most GETs): any attempt can be retried.
+    Empty,
+    /// The client's body, streamed.
+    Stream(Replayable),
+}
+
+/// The client's request body, shared by the attempts of one request. The first attempt
+/// that reads it takes it; an attempt that never read it (e.g. connect failed) leaves it
+/// for the next one. So a retry is possible exactly when no byte has been sent yet.
+#[derive(Debug, Clone)]
+pub struct Replayable {
+    slot: Arc<Mutex<Option<Incoming>>>,
+}
+
+impl Replayable {
+    /// Wraps the client's body.
+    pub fn new(body: Incoming) -> Self {
+        Replayable { slot: Arc::new(Mutex::new(Some(body))) }
+    }
+
+    /// Whether no attempt has started reading the body.
+    pub fn untouched(&self) -> bool {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+}
+
+/// One attempt's view of a [`Replayable`] body.
+#[derive(Debug)]
+pub struct AttemptBody {
+    shared: Option<Replayable>,
+    taken: Option<Incoming>,
+}
+
+impl RequestBody {
+    /// The body for one attempt.
+    pub fn attempt(&self) -> AttemptBody {
+        match self {
+            RequestBody::Empty => AttemptBody { shared: None, taken: None },
+            RequestBody::Stream(r) => AttemptBody { shared: Some(r.clone()), taken: None },
+        }
+    }
+
+    /// Whether a new attempt would still send the whole body.
+    pub fn replayable(&self) -> bool {
+        match self {
+            RequestBody::Empty => true,
+            RequestBody::Stream(r) => r.untouched(),
+        }
+    }
+}
+
+impl Body for AttemptBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if this.taken.is_none() {
+            let Some(shared) = this.shared.take() else { return Poll::Ready(None) };
+            match shared.slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                Some(body) => this.taken = Some(body),
+                None => return Poll::Ready(None),
+            }
+        }
+        Pin::new(this.taken.as_mut().expect("set above")).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match (&self.shared, &self.taken) {
+            (None, None) => true,
+            (_, Some(b)) => b.is_end_stream(),
+            (Some(_), None) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (&self.shared, &self.taken) {
+            (None, None) => SizeHint::with_exact(0),
+            (_, Some(b)) => b.size_hint(),
+            (Some(s), None) => {
+                s.slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|b| b.size_hint()).unwrap_or_default()
+            }
+        }
+    }
+}
+
+/// The body of a response sent to a client.
+#[derive(Debug)]
+pub enum ResponseBody {
+    /// A backend's body, streamed; the guard keeps the backend's in-flight count up
+    /// until the body ends.
+    Upstream(Incoming, Option<ActiveGuard>),
+    /// A body the gateway wrote itself.
+    Full(Option<Bytes>),
+}
+
+impl ResponseBody {
+    /// A small body from the gateway.
+    pub fn text(s: impl Into<Bytes>) -> Self {
+        ResponseBody::Full(Some(s.into()))
+    }
+
+    /// No body.
+    pub fn empty() -> Self {
+        ResponseBody::Full(None)
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut *self {
+            ResponseBody::Upstream(body, guard) => {
+                let polled = Pin::new(body).poll_frame(cx);
+                if let Poll::Ready(None | Some(Err(_))) = polled {
+                    guard.take();
+                }
+                polled
+            }
+            ResponseBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Upstream(body, _) => body.is_end_stream(),
+            ResponseBody::Full(data) => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Upstream(body, _) => body.size_hint(),
+            ResponseBody::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The proxy: route a request, ask the selector for a backend, forward it, retry on
+//! another backend when that is safe, and report the outcome to the pool stats.
+//!
+//! Reads the pool; never writes it (failures go to `health` through a channel).
+
+mod body;
+mod headers;
+
+pub use body::{RequestBody, ResponseBody};
+
+use crate::health::Reporter;
+use crate::pool::BackendStats;
+use crate::router::Router;
+use crate::select::Choice;
+use crate::upstream::Upstream;
+use body::Replayable;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, Uri, header};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// HTTP client towards backends: pooled keep-alive connections, one per worker thread.
+pub type UpstreamClient = Client<HttpConnector, body::AttemptBody>;
+
+/// Builds a worker's client. `connect_timeout` is the shortest configured one.
+pub fn client(connect_timeout: Duration) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .set_host(false)
+        .build(connector)
+}
+
+/// Everything a request needs, shared by all worker threads.
+#[derive(Debug)]
+pub struct Proxy {
+    /// The route table.
+    pub router: Router,
+    /// Where passive-health failures are reported.
+    pub reporter: Reporter,
+    /// Log one line per request.
+    pub access_log: bool,
+}
+
+/// Per-request context for the access log.
+struct Outcome<'a> {
+    route: &'a str,
+    upstream: &'a str,
+    backend: Option<SocketAddr>,
+    attempts: u32,
+    fallback: bool,
+}
+
+impl Proxy {
+    /// Handles one client request end to end. Never fails: errors become responses.
+    pub async fn handle(&self, client: &UpstreamClient, req: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let host = req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(header::HOST)?.to_str().ok());
+        let Some(route) = self.router.route(host, &path) else {
+            let host = host.unwrap_or("").to_owned();
+            let resp = plain(StatusCode::NOT_FOUND, format!("no route for host `{host}` and path `{path}`\n"));
+            self.log(&method, &path, peer, &resp, started, &Outcome { route: "-", upstream: "-", backend: None, attempts: 0, fallback: false });
+            return resp;
+        };
+        let upstream = &route.upstream;
+        let mut outcome = Outcome { route: &route.name, upstream: &upstream.name, backend: None, attempts: 0, fallback: false };
+        let resp = self.forward(client, req, peer, upstream, &mut outcome).await;
+        self.log(&method, &path, peer, &resp, started, &outcome);
+        resp
+    }
+
+    async fn forward(
+        &self,
+        client: &UpstreamClient,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        upstream: &Upstream,
+        outcome: &mut Outcome<'_>,
+    ) -> Response<ResponseBody> {
+        let (mut parts, incoming) = req.into_parts();
+        let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
+        headers::remove_hop_by_hop(&mut parts.headers);
+        headers::add_forwarded(&mut parts.headers, peer.ip(), authority.as_deref());
+        if !parts.headers.contains_key(headers::X_REQUEST_ID) {
+            parts.headers.insert(headers::X_REQUEST_ID, request_id());
+        }
+        let body = if incoming.is_end_stream() { RequestBody::Empty } else { RequestBody::Stream(Replayable::new(incoming)) };
+        let idempotent = is_idempotent(&parts.method);
+        let path_and_query = parts.uri.path_and_query().cloned();
+
+        let mut tried: Vec<u32> = Vec::new();
+        let mut last_error: Option<Response<ResponseBody>> = None;
+        while outcome.attempts < upstream.retries.attempts {
+            let pool = upstream.pool.snapshot();
+            let (index, extra_headers) = match upstream.selector.choose(&mut parts, peer.ip(), &pool, &tried) {
+                Choice::Backend { index, response_headers, fallback } => {
+                    outcome.fallback |= fallback;
+                    (index, response_headers)
+                }
+                Choice::Reject(status, text) => {
+                    return plain(StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), text);
+                }
+                Choice::NoBackend => break,
+            };
+            let member = &pool.members[index];
+            let entry = &member.entry;
+            outcome.attempts += 1;
+            outcome.backend = Some(entry.addr);
+            tried.push(index as u32);
+
+            let mut uri = Uri::builder().scheme("http").authority(entry.authority.clone());
+            if let Some(pq) = &path_and_query {
+                uri = uri.path_and_query(pq.clone());
+            }
+            let mut attempt = Request::new(body.attempt());
+            *attempt.method_mut() = parts.method.clone();
+            *attempt.uri_mut() = uri.build().expect("authority and path come from valid URIs");
+            *attempt.headers_mut() = parts.headers.clone();
+
+            let guard = BackendStats::start(entry);
+            let sent = Instant::now();
+            let result = tokio::time::timeout(upstream.timeouts.response_header, client.request(attempt)).await;
+            let failure = match result {
+                Ok(Ok(resp)) if resp.status().is_server_error() => {
+                    let retry = idempotent && upstream.retries.on_5xx && body.replayable();
+                    self.failed(upstream, entry, &format!("answered {}", resp.status()));
+                    if retry {
+                        last_error = Some(finish(resp, guard, extra_headers));
+                        continue;
+                    }
+                    return finish(resp, guard, extra_headers);
+                }
+                Ok(Ok(resp)) => {
+                    entry.stats.success(sent.elapsed());
+                    return finish(resp, guard, extra_headers);
+                }
+                Ok(Err(e)) if e.is_connect() => Failure::Connect(error_chain(&e)),
+                Ok(Err(e)) => Failure::Other(error_chain(&e)),
+                Err(_) => Failure::Timeout(upstream.timeouts.response_header),
+            };
+            drop(guard);
+            let reason = failure.to_string();
+            self.failed(upstream, entry, &reason);
+            let retry = match failure {
+                // Nothing was sent: always safe to try another backend.
+                Failure::Connect(_) => body.replayable(),
+                Failure::Other(_) | Failure::Timeout(_) => idempotent && body.replayable(),
+            };
+            let status = if matches!(failure, Failure::Timeout(_)) { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
+            last_error = Some(plain(status, format!("backend {} failed: {reason}\n", entry.addr)));
+            if !retry {
+                break;
+            }
+        }
+        last_error.unwrap_or_else(|| {
+            plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no healthy backend available for upstream `{}`\n", upstream.name),
+            )
+        })
+    }
+
+    fn failed(&self, upstream: &Upstream, entry: &Arc<crate::pool::BackendEntry>, reason: &str) {
+        let streak = entry.stats.failure();
+        tracing::debug!(upstream = %upstream.name, backend = %entry.addr, streak, "request failed: {reason}");
+        let threshold = upstream.passive.consecutive_failures;
+        if threshold > 0 && streak == threshold {
+            self.reporter.eject(&upstream.name, &entry.id, reason);
+        }
+    }
+
+    fn log(&self, method: &Method, path: &str, peer: SocketAddr, resp: &Response<ResponseBody>, started: Instant, o: &Outcome<'_>) {
+        if !self.access_log {
+            return;
+        }
+        let backend = o.backend.map(|b| b.to_string());
+        tracing::info!(
+            target: "access",
+            client = %peer.ip(),
+            method = %method,
+            path,
+            status = resp.status().as_u16(),
+            route = o.route,
+            upstream = o.upstream,
+            backend = backend.as_deref().unwrap_or("-"),
+            attempts = o.attempts,
+            fallback = o.fallback,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "request"
+        );
+    }
+}
+
+enum Failure {
+    Connect(String),
+    Other(String),
+    Timeout(Duration),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Connect(e) => write!(f, "connect failed: {e}"),
+            Failure::Other(e) => write!(f, "{e}"),
+            Failure::Timeout(d) => write!(f, "no response headers within {d:?}"),
+        }
+    }
+}
+
+fn finish(resp: Response<Incoming>, guard: crate::pool::ActiveGuard, extra: Vec<(String, String)>) -> Response<ResponseBody> {
+    let (mut parts, body) = resp.into_parts();
+    headers::remove_hop_by_hop(&mut parts.headers);
+    for (name, value) in extra {
+        if let (Ok(n), Ok(v)) = (header::HeaderName::try_from(name), header::HeaderValue::try_from(value)) {
+            parts.headers.append(n, v);
+        }
+    }
+    Response::from_parts(parts, ResponseBody::Upstream(body, Some(guard)))
+}
+
+/// A plain-text response written by the gateway.
+pub fn plain(status: StatusCode, text: impl Into<Bytes>) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::text(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+fn request_id() -> header::HeaderValue {
+    use std::cell::Cell;
+    thread_local! {
+        static NEXT: Cell<u64> = Cell::new(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64
+                ^ (std::process::id() as u64) << 48,
+        );
+    }
+    let id = NEXT.with(|n| {
+        let v = n.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+        n.set(v);
+        v
+    });
+    header::HeaderValue::from_str(&format!("{id:016x}")).expect("hex is a valid header value")
+}

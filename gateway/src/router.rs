@@ -1,0 +1,89 @@
+//! Routes: which upstream serves a request, by host and path prefix.
+
+use crate::config;
+use crate::upstream::Upstream;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A compiled route.
+#[derive(Debug)]
+pub struct Route {
+    /// Name for logs.
+    pub name: String,
+    host: HostMatch,
+    prefix: String,
+    /// Where matching requests go.
+    pub upstream: Arc<Upstream>,
+}
+
+#[derive(Debug)]
+enum HostMatch {
+    Any,
+    Exact(String),
+    /// `*.example.com` stored as `.example.com`.
+    Suffix(String),
+}
+
+/// The route table, first match wins.
+#[derive(Debug)]
+pub struct Router {
+    routes: Vec<Route>,
+}
+
+impl Router {
+    /// Compiles `routes` against the built upstreams (names already validated).
+    pub fn new(routes: &[config::Route], upstreams: &HashMap<String, Arc<Upstream>>) -> Self {
+        let routes = routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Route {
+                name: r.name.clone().unwrap_or_else(|| format!("route-{i}")),
+                host: match r.host.as_deref() {
+                    None | Some("*") => HostMatch::Any,
+                    Some(h) => match h.strip_prefix('*') {
+                        Some(suffix) => HostMatch::Suffix(suffix.to_ascii_lowercase()),
+                        None => HostMatch::Exact(h.to_ascii_lowercase()),
+                    },
+                },
+                prefix: r.path_prefix.clone(),
+                upstream: upstreams[&r.upstream].clone(),
+            })
+            .collect();
+        Router { routes }
+    }
+
+    /// The first route matching `host` (port ignored) and `path`.
+    pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        let host = host.map(strip_port);
+        self.routes.iter().find(|r| {
+            let host_ok = match (&r.host, host) {
+                (HostMatch::Any, _) => true,
+                (HostMatch::Exact(h), Some(got)) => got.eq_ignore_ascii_case(h),
+                (HostMatch::Suffix(s), Some(got)) => {
+                    got.len() > s.len() && got[got.len() - s.len()..].eq_ignore_ascii_case(s)
+                }
+                (_, None) => false,
+            };
+            host_ok && path.starts_with(&r.prefix)
+        })
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_once(']').map_or(host, |(h, _)| &h[1..]);
+    }
+    host.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(h, _)| h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_is_ignored_and_wildcards_match_subdomains_only() {
+        assert_eq!(strip_port("example.com:8080"), "example.com");
+        assert_eq!(strip_port("[::1]:80"), "::1");
+        assert_eq!(strip_port("example.com"), "example.com");
+    }
+}

@@ -1,0 +1,121 @@
+//! Backend selection: the Wasm plugin's decision, with a native round robin as the
+//! fallback when the plugin fails (trap, timeout, bad answer).
+
+use crate::plugin::{Binding, PickErrorKind, Target};
+use crate::pool::PoolSnapshot;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+/// What to do with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Choice {
+    /// Forward to the member at this index of the snapshot.
+    Backend {
+        /// Index into the snapshot.
+        index: usize,
+        /// Headers for the client's response (e.g. a sticky cookie).
+        response_headers: Vec<(String, String)>,
+        /// The plugin failed and the fallback chose.
+        fallback: bool,
+    },
+    /// The plugin answered for the backend.
+    Reject(u16, String),
+    /// No healthy backend left to try.
+    NoBackend,
+}
+
+/// Chooses backends for one upstream.
+#[derive(Debug)]
+pub struct Selector {
+    binding: Arc<Binding>,
+    fallback_turn: AtomicU64,
+    fallbacks: AtomicU64,
+    /// Milliseconds (since `epoch`) of the last logged plugin failure: rate limit.
+    last_logged_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Selector {
+    /// A selector that asks `binding`.
+    pub fn new(binding: Arc<Binding>) -> Self {
+        Selector {
+            binding,
+            fallback_turn: AtomicU64::new(0),
+            fallbacks: AtomicU64::new(0),
+            last_logged_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// The plugin binding.
+    pub fn binding(&self) -> &Arc<Binding> {
+        &self.binding
+    }
+
+    /// Requests the fallback chose because the plugin failed.
+    pub fn fallbacks(&self) -> u64 {
+        self.fallbacks.load(Relaxed)
+    }
+
+    /// Chooses a backend for the request, never one in `exclude`.
+    pub fn choose(
+        &self,
+        parts: &mut http::request::Parts,
+        client_ip: IpAddr,
+        pool: &Arc<PoolSnapshot>,
+        exclude: &[u32],
+    ) -> Choice {
+        if pool.healthy_count == 0 {
+            return Choice::NoBackend;
+        }
+        match self.binding.pick(parts, client_ip, pool, exclude) {
+            Ok(d) => match d.target {
+                Target::Backend(i) if !exclude.contains(&i) => {
+                    Choice::Backend { index: i as usize, response_headers: d.response_headers, fallback: false }
+                }
+                Target::Backend(i) => {
+                    self.failed(PickErrorKind::BadAnswer, &format!("picked backend {i}, which this request already tried"));
+                    self.fallback(pool, exclude)
+                }
+                Target::Reject(status, body) => Choice::Reject(status, body),
+            },
+            Err(e) => {
+                self.failed(e.kind, &e.message);
+                self.fallback(pool, exclude)
+            }
+        }
+    }
+
+    fn failed(&self, kind: PickErrorKind, message: &str) {
+        self.fallbacks.fetch_add(1, Relaxed);
+        // At most one line a second per upstream: a broken plugin must not flood the log.
+        let now = self.epoch.elapsed().as_millis() as u64 + 1_000;
+        let last = self.last_logged_ms.load(Relaxed);
+        if now.saturating_sub(last) >= Duration::from_secs(1).as_millis() as u64
+            && self.last_logged_ms.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
+        {
+            let plugin = self.binding.plugin();
+            tracing::warn!(
+                plugin = %plugin.name,
+                origin = %plugin.origin,
+                failure = ?kind,
+                fallbacks = self.fallbacks(),
+                "plugin call failed: {message}; the instance was discarded and the fallback round robin chose the backend"
+            );
+        }
+    }
+
+    /// Native round robin over healthy members not in `exclude`.
+    fn fallback(&self, pool: &PoolSnapshot, exclude: &[u32]) -> Choice {
+        let healthy: Vec<usize> = (0..pool.members.len())
+            .filter(|&i| pool.members[i].status.healthy() && !exclude.contains(&(i as u32)))
+            .collect();
+        if healthy.is_empty() {
+            return Choice::NoBackend;
+        }
+        let turn = self.fallback_turn.fetch_add(1, Relaxed) as usize;
+        Choice::Backend { index: healthy[turn % healthy.len()], response_headers: Vec::new(), fallback: true }
+    }
+}

@@ -1,0 +1,191 @@
+//! Running the gateway: one event loop per worker thread, each with its own
+//! `SO_REUSEPORT` listener socket and upstream client; a control loop on the main thread
+//! for health checks, the admin API and signals; graceful shutdown.
+
+use crate::admin::{self, Extension};
+use crate::gateway::Gateway;
+use crate::health;
+use crate::proxy;
+use anyhow::Context as _;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use socket2::{Domain, Socket, Type};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Binds `count` listening sockets to `addr` with `SO_REUSEPORT`, so the kernel spreads
+/// connections over the workers. Port 0 picks one port for all of them.
+pub fn bind(addr: SocketAddr, count: usize) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(count);
+    let mut addr = addr;
+    for _ in 0..count {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_tcp_nodelay(true)?;
+        socket.bind(&addr.into()).with_context(|| format!("cannot listen on {addr}"))?;
+        socket.listen(1024)?;
+        socket.set_nonblocking(true)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        out.push(listener);
+    }
+    Ok(out)
+}
+
+/// Runs the gateway until SIGTERM/SIGINT (or `stop` is cancelled), then stops
+/// accepting and lets in-flight requests finish within the grace period.
+pub fn run(gw: Arc<Gateway>, receiver: health::Receiver, extension: Option<Arc<dyn Extension>>, stop: CancellationToken) -> anyhow::Result<()> {
+    let threads = match gw.config.threads {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n,
+    };
+    let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..threads).map(|_| Vec::new()).collect();
+    for l in &gw.config.listeners {
+        let sockets = bind(l.address, threads)?;
+        tracing::info!(address = %sockets[0].local_addr()?, threads, "listening");
+        for (i, s) in sockets.into_iter().enumerate() {
+            per_worker[i].push(s);
+        }
+    }
+    let admin_listener = match gw.config.admin.address {
+        Some(addr) => Some(bind(addr, 1)?.remove(0)),
+        None => None,
+    };
+    for up in &gw.upstreams {
+        let plugin = up.selector.binding().plugin();
+        tracing::info!(upstream = %up.name, backends = up.pool.load().members.len(), plugin = %plugin.name, origin = %plugin.origin, "upstream ready");
+    }
+
+    let grace = gw.config.shutdown_grace;
+    let workers: Vec<_> = per_worker
+        .into_iter()
+        .enumerate()
+        .map(|(i, listeners)| {
+            let (gw, stop) = (gw.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name(format!("worker-{i}"))
+                .spawn(move || worker(gw, listeners, stop, grace))
+                .context("spawn worker thread")
+        })
+        .collect::<anyhow::Result<_>>()?;
+
+    let control = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    control.block_on(async {
+        health::run(gw.upstreams.clone(), receiver, stop.clone());
+        if let Some(listener) = admin_listener {
+            let addr = listener.local_addr()?;
+            tracing::info!(address = %addr, "admin API listening");
+            tokio::spawn(admin::serve(tokio::net::TcpListener::from_std(listener)?, gw.clone(), extension, stop.clone()));
+        }
+        wait_for_signal(&stop).await;
+        anyhow::Ok(())
+    })?;
+    stop.cancel();
+    for w in workers {
+        let _ = w.join();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal(stop: &CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        stop.cancelled().await;
+        return;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+        _ = stop.cancelled() => return,
+    };
+    tracing::info!(signal = name, "shutting down: no new connections, finishing in-flight requests");
+    stop.cancel();
+}
+
+fn worker(gw: Arc<Gateway>, listeners: Vec<std::net::TcpListener>, stop: CancellationToken, grace: Duration) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start a worker event loop: {e}");
+            stop.cancel();
+            return;
+        }
+    };
+    rt.block_on(async move {
+        // Create this thread's plugin instances before the first request needs them.
+        for up in &gw.upstreams {
+            if let Err(e) = up.selector.binding().warm(&up.pool.snapshot()) {
+                tracing::warn!(upstream = %up.name, "warming the plugin failed: {e}");
+            }
+        }
+        let connect_timeout =
+            gw.upstreams.iter().map(|u| u.timeouts.connect).min().unwrap_or(Duration::from_secs(2));
+        let client = proxy::client(connect_timeout);
+        let graceful = GracefulShutdown::new();
+        let builder = auto::Builder::new(TokioExecutor::new());
+        let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel();
+        for listener in listeners {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!("cannot use listener socket: {e}");
+                    continue;
+                }
+            };
+            let (tx, stop) = (conn_tx.clone(), stop.clone());
+            tokio::spawn(async move {
+                loop {
+                    let accepted = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        a = listener.accept() => a,
+                    };
+                    match accepted {
+                        Ok(conn) => {
+                            if tx.send(conn).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            tracing::warn!("accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            });
+        }
+        drop(conn_tx);
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = stop.cancelled() => break,
+                c = conn_rx.recv() => match c { Some(c) => c, None => break },
+            };
+            let _ = stream.set_nodelay(true);
+            let (gw, client) = (gw.clone(), client.clone());
+            let service = service_fn(move |req| {
+                let (gw, client) = (gw.clone(), client.clone());
+                async move { Ok::<_, Infallible>(gw.proxy.handle(&client, req, peer).await) }
+            });
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(client = %peer, "connection ended with an error: {e}");
+                }
+            });
+        }
+        tokio::select! {
+            _ = graceful.shutdown() => {}
+            _ = tokio::time::sleep(grace) => {
+                tracing::warn!(grace = ?grace, "grace period over: closing connections with requests still in flight");
+            }
+        }
+    });
+}

@@ -1,0 +1,136 @@
+//! Write a backend-selection strategy for the gateway.
+//!
+//! A strategy is a type that implements [`Strategy`], plus one line that exports it:
+//!
+//! ```ignore
+//! use gateway_sdk::{Backend, Decision, Pool, Request, Strategy, host};
+//!
+//! #[derive(Default)]
+//! struct RoundRobin { pool: Pool }
+//!
+//! impl Strategy for RoundRobin {
+//!     fn pool_changed(&mut self, _generation: u64, backends: Vec<Backend>) {
+//!         self.pool = Pool::new(backends);
+//!     }
+//!     fn pick(&mut self, _req: &dyn Request, exclude: &[u32]) -> Decision {
+//!         let turn = host::counter_add("turn", 1) - 1;
+//!         self.pool.healthy_nth(turn as u64, exclude).map_or_else(Decision::no_backend, Decision::backend)
+//!     }
+//! }
+//!
+//! gateway_sdk::export_strategy!(RoundRobin);
+//! ```
+//!
+//! Build it for `wasm32-unknown-unknown` (no WASI) and wrap it as a component; the
+//! gateway's build does this for everything under `plugins/`. On a native target the
+//! same code compiles against an in-process [`host`] so strategies can be unit tested
+//! without Wasm (see [`TestRequest`]).
+#![deny(missing_docs)]
+// wit-bindgen's export glue is `unsafe` by necessity; our own code uses none.
+#![allow(unsafe_code)]
+
+mod pool;
+mod request;
+
+pub mod host;
+
+pub use pool::Pool;
+pub use request::{Request, TestRequest};
+
+/// Bindings generated from `wit/selector.wit`. Plugin code rarely needs them directly.
+#[allow(missing_docs, clippy::all)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "selector",
+        pub_export_macro: true,
+        export_macro_name: "__export_selector",
+        default_bindings_module: "gateway_sdk::bindings",
+        generate_all,
+    });
+}
+
+pub use bindings::gateway::selector::types::{Backend, BackendStats, Decision, Target};
+
+impl Decision {
+    /// Send the request to the backend at `index` (into the list of the last `pool_changed`).
+    pub fn backend(index: u32) -> Self {
+        Decision { target: Target::Backend(index), response_headers: Vec::new() }
+    }
+
+    /// Answer the client directly with `status` and `body`.
+    pub fn reject(status: u16, body: impl Into<String>) -> Self {
+        Decision { target: Target::Reject((status, body.into())), response_headers: Vec::new() }
+    }
+
+    /// `503`: no healthy backend that this request has not already tried.
+    pub fn no_backend() -> Self {
+        Self::reject(503, "no healthy backend available")
+    }
+
+    /// Adds a header to the response the client receives (e.g. `set-cookie`).
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.response_headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// The chosen backend's index, if the decision names one.
+    pub fn backend_index(&self) -> Option<u32> {
+        match self.target {
+            Target::Backend(i) => Some(i),
+            Target::Reject(_) => None,
+        }
+    }
+}
+
+/// A backend-selection strategy. One value lives in each plugin instance; the gateway
+/// keeps one instance per worker thread, so state that must be shared or must survive a
+/// hot swap belongs in [`host`] (counters, key-value store), not in `self`.
+pub trait Strategy: Default {
+    /// Receives the route's params as JSON (`{}` when none). Return `Err` with a message
+    /// an operator can act on to refuse bad params.
+    fn configure(&mut self, params: &str) -> Result<(), String> {
+        let _ = params;
+        Ok(())
+    }
+
+    /// The upstream's backends changed. Precompute here what `pick` needs.
+    fn pool_changed(&mut self, generation: u64, backends: Vec<Backend>);
+
+    /// Choose a backend for `req`, avoiding the indexes in `exclude` (already tried).
+    fn pick(&mut self, req: &dyn Request, exclude: &[u32]) -> Decision;
+}
+
+/// Exports a [`Strategy`] type as the plugin's `policy`. Use it once per plugin crate.
+#[macro_export]
+macro_rules! export_strategy {
+    ($ty:ty) => {
+        const _: () = {
+            ::std::thread_local! {
+                static STRATEGY: ::core::cell::RefCell<$ty> =
+                    ::core::cell::RefCell::new(<$ty as ::core::default::Default>::default());
+            }
+
+            struct Export;
+
+            impl $crate::bindings::exports::gateway::selector::policy::Guest for Export {
+                fn configure(params: ::std::string::String) -> ::core::result::Result<(), ::std::string::String> {
+                    STRATEGY.with(|s| $crate::Strategy::configure(&mut *s.borrow_mut(), &params))
+                }
+
+                fn pool_changed(generation: u64, backends: ::std::vec::Vec<$crate::Backend>) {
+                    STRATEGY.with(|s| $crate::Strategy::pool_changed(&mut *s.borrow_mut(), generation, backends))
+                }
+
+                fn pick(
+                    req: &$crate::bindings::gateway::selector::types::Request,
+                    exclude: ::std::vec::Vec<u32>,
+                ) -> $crate::Decision {
+                    STRATEGY.with(|s| $crate::Strategy::pick(&mut *s.borrow_mut(), req, &exclude))
+                }
+            }
+
+            $crate::bindings::__export_selector!(Export with_types_in $crate::bindings);
+        };
+    };
+}
