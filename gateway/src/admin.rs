@@ -64,9 +64,15 @@ pub fn handle(gw: &Gateway, ext: Option<&dyn Extension>, method: &Method, path: 
             match upstream.pool.update_status(id, |s| s.drained = drained) {
                 Some(status) => {
                     tracing::info!(upstream = %up, backend = %id, drained, "backend {action}ed by the admin API");
-                    json_response(StatusCode::OK, json!({"upstream": up, "backend": id, "drained": status.drained, "healthy": status.healthy()}))
+                    json_response(
+                        StatusCode::OK,
+                        json!({"upstream": up, "backend": id, "drained": status.drained, "healthy": status.healthy()}),
+                    )
                 }
-                None => json_response(StatusCode::NOT_FOUND, json!({"error": format!("upstream `{up}` has no backend `{id}`")})),
+                None => json_response(
+                    StatusCode::NOT_FOUND,
+                    json!({"error": format!("upstream `{up}` has no backend `{id}`")}),
+                ),
             }
         }
         _ => json_response(StatusCode::NOT_FOUND, json!({"error": format!("no admin route {method} {path}")})),

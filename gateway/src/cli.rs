@@ -122,15 +122,23 @@ impl RunArgs {
     /// Builds the config: from the file, or from the quick-start flags.
     pub fn to_config(&self) -> anyhow::Result<Config> {
         if let Some(path) = &self.config {
-            if !self.backends.is_empty() || self.strategy.is_some() || self.health_path.is_some() || !self.params.is_empty() {
-                anyhow::bail!("--config cannot be combined with --backend, --strategy, --param or --health-path: put them in the file");
+            if !self.backends.is_empty()
+                || self.strategy.is_some()
+                || self.health_path.is_some()
+                || !self.params.is_empty()
+            {
+                anyhow::bail!(
+                    "--config cannot be combined with --backend, --strategy, --param or --health-path: put them in the file"
+                );
             }
             let mut config = config::load(path)?;
             self.apply_overrides(&mut config)?;
             return Ok(config);
         }
         if self.backends.is_empty() {
-            anyhow::bail!("nothing to balance: give backends with -b HOST:PORT (repeatable), or a config file with --config FILE; try `gateway demo` for a self-contained demo");
+            anyhow::bail!(
+                "nothing to balance: give backends with -b HOST:PORT (repeatable), or a config file with --config FILE; try `gateway demo` for a self-contained demo"
+            );
         }
         let backends = self.backends.iter().map(|s| parse_backend(s)).collect::<Result<Vec<_>, _>>()?;
         let mut upstream = Upstream::with_backends(backends);
@@ -190,9 +198,8 @@ pub fn parse_backend(spec: &str) -> anyhow::Result<Backend> {
     let address = parts.next().unwrap_or_default().trim();
     let mut b = Backend::at(address);
     for opt in parts {
-        let (k, v) = opt
-            .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("backend `{spec}`: option `{opt}` is not KEY=VALUE"))?;
+        let (k, v) =
+            opt.split_once('=').ok_or_else(|| anyhow::anyhow!("backend `{spec}`: option `{opt}` is not KEY=VALUE"))?;
         match k {
             "weight" => {
                 b.weight = v
@@ -241,7 +248,17 @@ mod tests {
 
     #[test]
     fn quick_start_flags_build_one_upstream() {
-        let cli = Cli::parse_from(["gateway", "-p", "9000", "-b", "127.0.0.1:9001", "-b", "127.0.0.1:9002", "--param", "n=3"]);
+        let cli = Cli::parse_from([
+            "gateway",
+            "-p",
+            "9000",
+            "-b",
+            "127.0.0.1:9001",
+            "-b",
+            "127.0.0.1:9002",
+            "--param",
+            "n=3",
+        ]);
         let c = cli.run.to_config().unwrap();
         assert_eq!(c.listeners[0].address, "127.0.0.1:9000".parse().unwrap());
         let up = &c.upstreams["default"];

@@ -24,7 +24,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
 pub fn demo(port: u16, admin: SocketAddr) -> anyhow::Result<ExitCode> {
     let backends = Arc::new(DemoBackends::start(3)?);
     let mut upstream = Upstream::with_backends(
-        backends.addrs().iter().enumerate().map(|(i, a)| Backend { id: Some(format!("backend-{}", i + 1)), ..Backend::at(a.to_string()) }).collect(),
+        backends
+            .addrs()
+            .iter()
+            .enumerate()
+            .map(|(i, a)| Backend { id: Some(format!("backend-{}", i + 1)), ..Backend::at(a.to_string()) })
+            .collect(),
     );
     upstream.health_check.path = Some("/healthz".into());
     upstream.health_check.interval = Duration::from_secs(1);
@@ -33,7 +38,8 @@ pub fn demo(port: u16, admin: SocketAddr) -> anyhow::Result<ExitCode> {
     config.admin.address = Some(admin);
     let (gw, receiver) = Gateway::build(config)?;
     let plugin = gw.upstreams[0].selector.binding().plugin();
-    let list: Vec<String> = backends.addrs().iter().enumerate().map(|(i, a)| format!("backend-{} {a}", i + 1)).collect();
+    let list: Vec<String> =
+        backends.addrs().iter().enumerate().map(|(i, a)| format!("backend-{} {a}", i + 1)).collect();
     println!(
         "\nDemo book store: the gateway on http://{listen} balances three backends ({}),\n\
          choosing with the Wasm plugin `{}` ({}); health checks GET /healthz every second.\n\n\
@@ -100,7 +106,9 @@ pub fn plugin_list(dir: &Path) -> anyhow::Result<ExitCode> {
             Ok(p) => {
                 let source = match &p.origin {
                     Origin::Builtin(_) => "built-in".to_owned(),
-                    Origin::File(f) if plugin::builtin_bytes(&name).is_some() => format!("{} (overrides built-in)", f.display()),
+                    Origin::File(f) if plugin::builtin_bytes(&name).is_some() => {
+                        format!("{} (overrides built-in)", f.display())
+                    }
                     Origin::File(f) => f.display().to_string(),
                 };
                 rows.push([name, source, p.hash[..12].to_owned(), format!("{:.1?}", p.compile_time), "-".into()]);
@@ -113,9 +121,8 @@ pub fn plugin_list(dir: &Path) -> anyhow::Result<ExitCode> {
 }
 
 pub fn plugin_export(name: &str, output: &Path) -> anyhow::Result<ExitCode> {
-    let bytes = plugin::builtin_bytes(name).with_context(|| {
-        format!("no built-in plugin `{name}` (built-in: {})", plugin::builtin_names().join(", "))
-    })?;
+    let bytes = plugin::builtin_bytes(name)
+        .with_context(|| format!("no built-in plugin `{name}` (built-in: {})", plugin::builtin_names().join(", ")))?;
     std::fs::write(output, bytes).with_context(|| format!("cannot write {}", output.display()))?;
     println!("wrote built-in `{name}` to {} ({} bytes)", output.display(), bytes.len());
     Ok(ExitCode::SUCCESS)

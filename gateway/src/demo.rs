@@ -83,7 +83,8 @@ impl DemoBackends {
             }
             (true, None) => {
                 drop(running);
-                let socket = crate::server::bind(b.addr, 1).map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+                let socket = crate::server::bind(b.addr, 1)
+                    .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
                 b.serve(&self.runtime, socket.into_iter().next().expect("one socket"))
                     .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
                 tracing::info!(backend = %b.name, address = %b.addr, "demo backend started");
@@ -100,7 +101,9 @@ impl Backend {
         *self.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
         let name = self.name.clone();
         rt.spawn(async move {
-            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                return;
+            };
             let mut conns = tokio::task::JoinSet::new();
             loop {
                 let stream = tokio::select! {
@@ -155,7 +158,10 @@ impl Extension for DemoBackends {
             return None;
         }
         let Ok(n) = n.parse::<usize>() else {
-            return Some(json_response(StatusCode::BAD_REQUEST, json!({"error": format!("`{n}` is not a backend number")})));
+            return Some(json_response(
+                StatusCode::BAD_REQUEST,
+                json!({"error": format!("`{n}` is not a backend number")}),
+            ));
         };
         Some(match self.set_running(n, action == "start") {
             Ok(state) => json_response(StatusCode::OK, json!({"backend": n, "state": state})),

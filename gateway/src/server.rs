@@ -40,7 +40,12 @@ pub fn bind(addr: SocketAddr, count: usize) -> anyhow::Result<Vec<std::net::TcpL
 
 /// Runs the gateway until SIGTERM/SIGINT (or `stop` is cancelled), then stops
 /// accepting and lets in-flight requests finish within the grace period.
-pub fn run(gw: Arc<Gateway>, receiver: health::Receiver, extension: Option<Arc<dyn Extension>>, stop: CancellationToken) -> anyhow::Result<()> {
+pub fn run(
+    gw: Arc<Gateway>,
+    receiver: health::Receiver,
+    extension: Option<Arc<dyn Extension>>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
     let threads = match gw.config.threads {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         n => n,
@@ -78,10 +83,18 @@ pub fn run(gw: Arc<Gateway>, receiver: health::Receiver, extension: Option<Arc<d
     let control = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     control.block_on(async {
         health::run(gw.upstreams.clone(), receiver, stop.clone());
+        if gw.plugins.watch_enabled() {
+            crate::plugin::watch(gw.plugins.clone(), stop.clone());
+        }
         if let Some(listener) = admin_listener {
             let addr = listener.local_addr()?;
             tracing::info!(address = %addr, "admin API listening");
-            tokio::spawn(admin::serve(tokio::net::TcpListener::from_std(listener)?, gw.clone(), extension, stop.clone()));
+            tokio::spawn(admin::serve(
+                tokio::net::TcpListener::from_std(listener)?,
+                gw.clone(),
+                extension,
+                stop.clone(),
+            ));
         }
         wait_for_signal(&stop).await;
         anyhow::Ok(())
@@ -125,8 +138,7 @@ fn worker(gw: Arc<Gateway>, listeners: Vec<std::net::TcpListener>, stop: Cancell
                 tracing::warn!(upstream = %up.name, "warming the plugin failed: {e}");
             }
         }
-        let connect_timeout =
-            gw.upstreams.iter().map(|u| u.timeouts.connect).min().unwrap_or(Duration::from_secs(2));
+        let connect_timeout = gw.upstreams.iter().map(|u| u.timeouts.connect).min().unwrap_or(Duration::from_secs(2));
         let client = proxy::client(connect_timeout);
         let graceful = GracefulShutdown::new();
         let builder = auto::Builder::new(TokioExecutor::new());

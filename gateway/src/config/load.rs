@@ -110,7 +110,8 @@ pub fn validate(config: &Config) -> Result<(), Problem> {
     }
     for (name, up) in &config.upstreams {
         for (i, b) in up.backends.iter().enumerate() {
-            check_address(b).map_err(|m| (format!("upstreams.{name}.backends[{i}].address"), Some(b.address.clone()), m))?;
+            check_address(b)
+                .map_err(|m| (format!("upstreams.{name}.backends[{i}].address"), Some(b.address.clone()), m))?;
             if b.weight == 0 {
                 return Err((
                     format!("upstreams.{name}.backends[{i}].weight"),
@@ -132,7 +133,11 @@ pub fn validate(config: &Config) -> Result<(), Problem> {
             ));
         }
         if up.retries.attempts == 0 {
-            return Err((field("retries.attempts"), Some("attempts".into()), "must be at least 1 (1 = no retries)".into()));
+            return Err((
+                field("retries.attempts"),
+                Some("attempts".into()),
+                "must be at least 1 (1 = no retries)".into(),
+            ));
         }
         if let Some(path) = &hc.path
             && !path.starts_with('/')
@@ -178,7 +183,8 @@ mod tests {
 
     #[test]
     fn minimal_config_gets_defaults() {
-        let c = from_yaml(Path::new("gw.yaml"), "upstreams:\n  web:\n    backends:\n      - address: 127.0.0.1:9001\n").unwrap();
+        let c = from_yaml(Path::new("gw.yaml"), "upstreams:\n  web:\n    backends:\n      - address: 127.0.0.1:9001\n")
+            .unwrap();
         let up = &c.upstreams["web"];
         assert_eq!(up.strategy.plugin, "round-robin");
         assert_eq!(up.health_check.rise, 2);
@@ -213,9 +219,8 @@ mod tests {
 
     #[test]
     fn route_to_unknown_upstream_is_located() {
-        let e = err(
-            "routes:\n  - upstream: nope\nupstreams:\n  web:\n    backends:\n      - address: 127.0.0.1:9001\n",
-        );
+        let e =
+            err("routes:\n  - upstream: nope\nupstreams:\n  web:\n    backends:\n      - address: 127.0.0.1:9001\n");
         assert_eq!(e, "gw.yaml:2: routes[0].upstream: no upstream named `nope` (defined: web)");
     }
 }

@@ -213,6 +213,17 @@ pub struct Plugins {
     /// Linear memory one plugin instance may grow to, in MiB. Default 128.
     #[serde(default = "default_memory_mib")]
     pub memory_limit_mib: u32,
+    /// Watch `dir` and hot-swap plugins when their files change. Default true.
+    #[serde(default = "yes")]
+    pub watch: bool,
+    /// Keep compiled plugins on disk so restarts and re-swaps skip compilation.
+    /// Default true.
+    #[serde(default = "yes")]
+    pub cache: bool,
+    /// Where compiled plugins are kept. Default `$XDG_CACHE_HOME/gateway/plugins`
+    /// (or `~/.cache/gateway/plugins`).
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// The admin listener.
@@ -348,7 +359,12 @@ impl Config {
         self.upstreams
             .keys()
             .next()
-            .map(|name| Route { name: Some("default".into()), host: None, path_prefix: "/".into(), upstream: name.clone() })
+            .map(|name| Route {
+                name: Some("default".into()),
+                host: None,
+                path_prefix: "/".into(),
+                upstream: name.clone(),
+            })
             .into_iter()
             .collect()
     }

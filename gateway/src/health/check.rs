@@ -18,8 +18,9 @@ async fn probe_inner(addr: SocketAddr, hc: &HealthCheck) -> Result<(), String> {
     let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect failed: {e}"))?;
     let Some(path) = &hc.path else { return Ok(()) };
     stream.set_nodelay(true).ok();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
     let conn = tokio::spawn(conn);
     let req = http::Request::get(path.as_str())
         .header(http::header::HOST, addr.to_string())

@@ -114,7 +114,9 @@ async fn passive(upstreams: HashMap<String, Arc<Upstream>>, mut receiver: Receiv
             _ = stop.cancelled() => return,
             ev = receiver.rx.recv() => match ev { Some(ev) => ev, None => return },
         };
-        let Some(up) = upstreams.get(&ev.upstream) else { continue };
+        let Some(up) = upstreams.get(&ev.upstream) else {
+            continue;
+        };
         let p = &up.passive;
         let snap = up.pool.snapshot();
         // Never eject so many that less than half of the backends are left: passive
@@ -154,4 +156,3 @@ async fn passive(upstreams: HashMap<String, Arc<Upstream>>, mut receiver: Receiv
         });
     }
 }
-

@@ -128,15 +128,21 @@ impl Binding {
         &self.namespace
     }
 
-    /// Instantiates and configures `plugin` on a scratch store (refusing bad params).
-    pub(super) fn validate(&self) -> Result<(), PluginError> {
-        let plugin = self.plugin.load_full();
-        self.instantiate(&plugin).map(drop).map_err(|e| match e {
+    /// Instantiates `plugin` on a scratch store and runs `configure` with this
+    /// binding's params: what must succeed before `plugin` may serve.
+    pub(super) fn check(&self, plugin: &Plugin) -> Result<(), PluginError> {
+        self.instantiate(plugin).map(drop).map_err(|e| match e {
             SetupError::Configure(message) => {
                 PluginError::Configure { origin: plugin.origin.clone(), params: self.params.clone(), message }
             }
             SetupError::Call(during, reason) => PluginError::Setup { origin: plugin.origin.clone(), during, reason },
         })
+    }
+
+    /// Makes `plugin` the version that serves. In-flight calls finish on the old one;
+    /// each worker's instance is replaced on its next use.
+    pub(super) fn swap(&self, plugin: Arc<Plugin>) {
+        self.plugin.store(plugin);
     }
 
     /// Creates this thread's instance now (and pushes `pool`), so the first request
@@ -159,8 +165,11 @@ impl Binding {
             slot.store.set_epoch_deadline(ticks);
             let taken = std::mem::replace(parts, blank_parts());
             slot.store.data_mut().request = Some(CurrentRequest { parts: taken, client_ip });
-            let result =
-                slot.bindings.gateway_selector_policy().call_pick(&mut slot.store, Resource::<RequestRef>::new_borrow(0), exclude);
+            let result = slot.bindings.gateway_selector_policy().call_pick(
+                &mut slot.store,
+                Resource::<RequestRef>::new_borrow(0),
+                exclude,
+            );
             if let Some(req) = slot.store.data_mut().request.take() {
                 *parts = req.parts;
             }
@@ -175,7 +184,10 @@ impl Binding {
                 }
                 WitTarget::Reject((status, body)) if (100..=599).contains(&status) => Target::Reject(status, body),
                 WitTarget::Reject((status, _)) => {
-                    return Err(PickError { kind: PickErrorKind::BadAnswer, message: format!("rejected with invalid status {status}") });
+                    return Err(PickError {
+                        kind: PickErrorKind::BadAnswer,
+                        message: format!("rejected with invalid status {status}"),
+                    });
                 }
             };
             Ok(Decision { target, response_headers: decision.response_headers })
@@ -246,7 +258,8 @@ impl Binding {
         let mut store = Store::new(self.host.engine(), state);
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(budget.setup_ticks);
-        let bindings = plugin.pre.instantiate(&mut store).map_err(|e| SetupError::Call("instantiate", format!("{e:#}")))?;
+        let bindings =
+            plugin.pre.instantiate(&mut store).map_err(|e| SetupError::Call("instantiate", format!("{e:#}")))?;
         bindings
             .gateway_selector_policy()
             .call_configure(&mut store, &self.params)
@@ -279,8 +292,16 @@ fn call_error(e: wasmtime::Error) -> PickError {
 }
 
 fn describe_error(e: &wasmtime::Error) -> String {
-    match e.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => "ran past its deadline and was stopped".to_owned(),
-        _ => format!("{e:#}").lines().next().unwrap_or_default().to_owned(),
+    let mut text = match e.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => return "ran past its deadline and was stopped".to_owned(),
+        Some(trap) => trap.to_string(),
+        None => e.root_cause().to_string(),
+    };
+    // Name the guest function it happened in, when the plugin kept its symbols.
+    if let Some(frame) = e.downcast_ref::<wasmtime::WasmBacktrace>().and_then(|bt| bt.frames().first())
+        && let Some(func) = frame.func_name()
+    {
+        text.push_str(&format!(" (in {func})"));
     }
+    text
 }

@@ -8,8 +8,10 @@
 
 mod bindings;
 mod builtin;
+mod cache;
 mod instance;
 mod shared;
+mod watch;
 
 use crate::config;
 use bindings::{HostState, SelectorPre};
@@ -17,13 +19,14 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 use wasmtime::component::{Component, Linker, types::ComponentItem};
 use wasmtime::{Engine, OptLevel};
 
 pub use instance::{Binding, Decision, PickError, PickErrorKind, Target};
 pub use shared::Namespace;
+pub use watch::watch;
 
 /// The world a plugin must implement, as printed in errors.
 pub const WORLD: &str = "gateway:selector/selector@0.1.0";
@@ -62,7 +65,9 @@ pub enum PluginError {
         reason: String,
     },
     /// A component, but not of our world.
-    #[error("{origin}: not a strategy for this gateway: {reason}. Expected world {WORLD} (imports {IMPORT}, exports {EXPORT}); this component {found}")]
+    #[error(
+        "{origin}: not a strategy for this gateway: {reason}. Expected world {WORLD} (imports {IMPORT}, exports {EXPORT}); this component {found}"
+    )]
     WrongWorld {
         /// File path or built-in name.
         origin: Origin,
@@ -123,8 +128,10 @@ pub struct Plugin {
     pub size: usize,
     /// When it was loaded.
     pub loaded_at: SystemTime,
-    /// How long compiling and linking took.
+    /// How long compiling (or loading the cached compilation) and linking took.
     pub compile_time: Duration,
+    /// Loaded from the precompiled cache rather than compiled.
+    pub from_cache: bool,
     /// Unique per load: instances of an older load are replaced on their next use.
     pub(crate) version: u64,
     pub(crate) pre: SelectorPre<HostState>,
@@ -132,7 +139,11 @@ pub struct Plugin {
 
 impl fmt::Debug for Plugin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Plugin").field("name", &self.name).field("origin", &self.origin).field("hash", &self.hash).finish()
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .field("origin", &self.origin)
+            .field("hash", &self.hash)
+            .finish()
     }
 }
 
@@ -159,13 +170,30 @@ impl Budget {
     }
 }
 
+/// What the gateway knows about one plugin name.
+#[derive(Debug, Clone, Default)]
+pub struct Registered {
+    /// The version serving (the last good one).
+    pub current: Option<Arc<Plugin>>,
+    /// Why the last attempt to load a new version failed, if it did.
+    pub last_error: Option<String>,
+    /// Its file was deleted; the last good version keeps serving.
+    pub file_deleted: bool,
+    /// SHA-256 of the last refused file, so the same bad file is reported once.
+    refused_hash: Option<String>,
+}
+
 /// The process's plugin runtime.
 pub struct PluginHost {
     engine: Engine,
     linker: Linker<HostState>,
     budget: Budget,
     dir: PathBuf,
+    watch: bool,
+    cache: Option<cache::Cache>,
     namespaces: Mutex<HashMap<String, Arc<Namespace>>>,
+    registry: Mutex<HashMap<String, Registered>>,
+    bindings: Mutex<Vec<Weak<Binding>>>,
 }
 
 impl fmt::Debug for PluginHost {
@@ -202,13 +230,102 @@ impl PluginHost {
             }
         })?;
 
+        let cache = match cfg.cache.then(|| cfg.cache_dir.clone().or_else(cache::Cache::default_dir)).flatten() {
+            Some(dir) => match cache::Cache::new(dir.clone(), &engine) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), "plugin cache disabled: cannot use the folder: {e}");
+                    None
+                }
+            },
+            None => None,
+        };
         Ok(Arc::new(PluginHost {
             engine,
             linker,
             budget: Budget::from_config(cfg),
             dir: cfg.dir.clone(),
+            watch: cfg.watch,
+            cache,
             namespaces: Mutex::new(HashMap::new()),
+            registry: Mutex::new(HashMap::new()),
+            bindings: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Every plugin name loaded so far, with its state, sorted by name.
+    pub fn registered(&self) -> Vec<(String, Registered)> {
+        let mut list: Vec<_> = self
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        list.sort_by(|a, b| a.0.cmp(&b.0));
+        list
+    }
+
+    fn record(&self, name: &str, f: impl FnOnce(&mut Registered)) {
+        f(self.registry.lock().unwrap_or_else(|e| e.into_inner()).entry(name.to_owned()).or_default());
+    }
+
+    /// Live bindings that serve the plugin `name`.
+    fn bindings_of(&self, name: &str) -> Vec<Arc<Binding>> {
+        let mut all = self.bindings.lock().unwrap_or_else(|e| e.into_inner());
+        all.retain(|w| w.strong_count() > 0);
+        all.iter().filter_map(Weak::upgrade).filter(|b| b.plugin().name == name).collect()
+    }
+
+    /// Loads a new version of `name` from `path` and swaps it into every upstream that
+    /// uses it, after checking that it instantiates and accepts each upstream's params.
+    /// On any failure nothing changes and the error is recorded and returned. `Ok(None)`:
+    /// the file is the version already serving. Blocking.
+    pub fn reload(&self, name: &str, path: &Path) -> Result<Option<Arc<Plugin>>, PluginError> {
+        let result = self.try_reload(name, path);
+        match &result {
+            Ok(Some(p)) => self.record(name, |r| {
+                r.current = Some(p.clone());
+                r.last_error = None;
+                r.file_deleted = false;
+            }),
+            Ok(None) => self.record(name, |r| r.file_deleted = false),
+            Err((e, hash)) => self.record(name, |r| {
+                r.last_error = Some(e.to_string());
+                r.refused_hash = hash.clone();
+            }),
+        }
+        result.map_err(|(e, _)| e)
+    }
+
+    fn try_reload(&self, name: &str, path: &Path) -> Result<Option<Arc<Plugin>>, (PluginError, Option<String>)> {
+        let bytes = std::fs::read(path).map_err(|source| (PluginError::Read { path: path.into(), source }, None))?;
+        let hash = hex(&Sha256::digest(&bytes));
+        let bindings = self.bindings_of(name);
+        let known = self.registry.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned().unwrap_or_default();
+        if known.current.is_some_and(|c| c.hash == hash) || known.refused_hash.as_ref() == Some(&hash) {
+            return Ok(None);
+        }
+        let refuse = |e| (e, Some(hash.clone()));
+        let plugin = self.compile(name, Origin::File(path.into()), &bytes).map_err(refuse)?;
+        // All or nothing: every upstream must accept the new version before any swaps.
+        for b in &bindings {
+            b.check(&plugin).map_err(refuse)?;
+        }
+        for b in &bindings {
+            b.swap(plugin.clone());
+        }
+        Ok(Some(plugin))
+    }
+
+    /// The file of `name` disappeared: keep serving the last good version.
+    pub fn file_deleted(&self, name: &str) {
+        self.record(name, |r| r.file_deleted = true);
+    }
+
+    /// Whether the plugins folder should be watched for changes.
+    pub fn watch_enabled(&self) -> bool {
+        self.watch
     }
 
     /// The plugins folder.
@@ -219,18 +336,29 @@ impl PluginHost {
     /// Finds `name`: `DIR/NAME.wasm` if present, else the built-in; compiles it.
     /// Blocking (compilation): call it off the async workers.
     pub fn resolve(&self, name: &str) -> Result<Arc<Plugin>, PluginError> {
+        if let Some(p) =
+            self.registry.lock().unwrap_or_else(|e| e.into_inner()).get(name).and_then(|r| r.current.clone())
+        {
+            return Ok(p);
+        }
         let path = self.dir.join(format!("{name}.wasm"));
-        if path.is_file() {
-            return self.load_file(name, &path);
+        let result = if path.is_file() {
+            self.load_file(name, &path)
+        } else {
+            match builtin::get(name) {
+                Some(bytes) => self.compile(name, Origin::Builtin(name.to_owned()), bytes),
+                None => Err(PluginError::NotFound {
+                    name: name.to_owned(),
+                    builtins: builtin::names().collect::<Vec<_>>().join(", "),
+                    dir: self.dir.display().to_string(),
+                }),
+            }
+        };
+        match &result {
+            Ok(p) => self.record(name, |r| r.current = Some(p.clone())),
+            Err(e) => self.record(name, |r| r.last_error = Some(e.to_string())),
         }
-        match builtin::get(name) {
-            Some(bytes) => self.compile(name, Origin::Builtin(name.to_owned()), bytes),
-            None => Err(PluginError::NotFound {
-                name: name.to_owned(),
-                builtins: builtin::names().collect::<Vec<_>>().join(", "),
-                dir: self.dir.display().to_string(),
-            }),
-        }
+        result
     }
 
     /// Reads and compiles a plugin file.
@@ -243,10 +371,22 @@ impl PluginHost {
     pub fn compile(&self, name: &str, origin: Origin, bytes: &[u8]) -> Result<Arc<Plugin>, PluginError> {
         let started = Instant::now();
         check_header(bytes).map_err(|reason| PluginError::NotComponent { origin: origin.clone(), reason })?;
-        let component = Component::new(&self.engine, bytes).map_err(|e| PluginError::NotComponent {
-            origin: origin.clone(),
-            reason: format!("not a valid component: {e:#}"),
-        })?;
+        let hash = hex(&Sha256::digest(bytes));
+        let cached = self.cache.as_ref().and_then(|c| c.load(&self.engine, &hash));
+        let from_cache = cached.is_some();
+        let component = match cached {
+            Some(c) => c,
+            None => {
+                let c = Component::new(&self.engine, bytes).map_err(|e| PluginError::NotComponent {
+                    origin: origin.clone(),
+                    reason: format!("not a valid component: {e:#}"),
+                })?;
+                if let Some(cache) = &self.cache {
+                    cache.store(&hash, &c);
+                }
+                c
+            }
+        };
         let wrong_world = |e: wasmtime::Error| PluginError::WrongWorld {
             origin: origin.clone(),
             reason: format!("{e:#}"),
@@ -266,7 +406,10 @@ impl PluginHost {
                 .map(|(n, _)| n.to_owned())
                 .filter(|n| !n.starts_with("wasi:") && !n.starts_with("gateway:selector/"))
                 .collect();
-            return Err(wrong_world(wasmtime::Error::msg(format!("it imports {}, which this gateway does not provide", unknown.join(", ")))));
+            return Err(wrong_world(wasmtime::Error::msg(format!(
+                "it imports {}, which this gateway does not provide",
+                unknown.join(", ")
+            ))));
         }
         linker.define_unknown_imports_as_traps(&component).map_err(wrong_world)?;
         let pre = linker.instantiate_pre(&component).map_err(wrong_world)?;
@@ -274,10 +417,11 @@ impl PluginHost {
         Ok(Arc::new(Plugin {
             name: name.to_owned(),
             origin,
-            hash: hex(&Sha256::digest(bytes)),
+            hash,
             size: bytes.len(),
             loaded_at: SystemTime::now(),
             compile_time: started.elapsed(),
+            from_cache,
             version: next_version(),
             pre,
         }))
@@ -293,9 +437,11 @@ impl PluginHost {
     ) -> Result<Arc<Binding>, PluginError> {
         let namespace =
             self.namespaces.lock().unwrap_or_else(|e| e.into_inner()).entry(upstream.to_owned()).or_default().clone();
-        let binding = Binding::new(self.clone(), upstream, plugin, params.to_string(), namespace);
-        binding.validate()?;
-        Ok(Arc::new(binding))
+        let binding = Binding::new(self.clone(), upstream, plugin.clone(), params.to_string(), namespace);
+        binding.check(&plugin)?;
+        let binding = Arc::new(binding);
+        self.bindings.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::downgrade(&binding));
+        Ok(binding)
     }
 
     pub(crate) fn engine(&self) -> &Engine {
@@ -334,7 +480,9 @@ fn check_header(bytes: &[u8]) -> Result<(), String> {
 /// "imports [..] and exports [..]" of a component, for error messages.
 fn describe(engine: &Engine, component: &Component) -> String {
     let ty = component.component_type();
-    let list = |items: Vec<String>| if items.is_empty() { "nothing".to_owned() } else { items.join(", ") };
+    let list = |items: Vec<String>| {
+        if items.is_empty() { "nothing".to_owned() } else { items.join(", ") }
+    };
     let imports = list(ty.imports(engine).map(|(n, _)| n.to_owned()).collect());
     let exports = list(
         ty.exports(engine)

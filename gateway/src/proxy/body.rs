@@ -69,7 +69,9 @@ impl Body for AttemptBody {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         if this.taken.is_none() {
-            let Some(shared) = this.shared.take() else { return Poll::Ready(None) };
+            let Some(shared) = this.shared.take() else {
+                return Poll::Ready(None);
+            };
             match shared.slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 Some(body) => this.taken = Some(body),
                 None => return Poll::Ready(None),

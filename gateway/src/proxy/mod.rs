@@ -62,7 +62,12 @@ struct Outcome<'a> {
 
 impl Proxy {
     /// Handles one client request end to end. Never fails: errors become responses.
-    pub async fn handle(&self, client: &UpstreamClient, req: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
+    pub async fn handle(
+        &self,
+        client: &UpstreamClient,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ResponseBody> {
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
@@ -70,11 +75,19 @@ impl Proxy {
         let Some(route) = self.router.route(host, &path) else {
             let host = host.unwrap_or("").to_owned();
             let resp = plain(StatusCode::NOT_FOUND, format!("no route for host `{host}` and path `{path}`\n"));
-            self.log(&method, &path, peer, &resp, started, &Outcome { route: "-", upstream: "-", backend: None, attempts: 0, fallback: false });
+            self.log(
+                &method,
+                &path,
+                peer,
+                &resp,
+                started,
+                &Outcome { route: "-", upstream: "-", backend: None, attempts: 0, fallback: false },
+            );
             return resp;
         };
         let upstream = &route.upstream;
-        let mut outcome = Outcome { route: &route.name, upstream: &upstream.name, backend: None, attempts: 0, fallback: false };
+        let mut outcome =
+            Outcome { route: &route.name, upstream: &upstream.name, backend: None, attempts: 0, fallback: false };
         let resp = self.forward(client, req, peer, upstream, &mut outcome).await;
         self.log(&method, &path, peer, &resp, started, &outcome);
         resp
@@ -95,7 +108,8 @@ impl Proxy {
         if !parts.headers.contains_key(headers::X_REQUEST_ID) {
             parts.headers.insert(headers::X_REQUEST_ID, request_id());
         }
-        let body = if incoming.is_end_stream() { RequestBody::Empty } else { RequestBody::Stream(Replayable::new(incoming)) };
+        let body =
+            if incoming.is_end_stream() { RequestBody::Empty } else { RequestBody::Stream(Replayable::new(incoming)) };
         let idempotent = is_idempotent(&parts.method);
         let path_and_query = parts.uri.path_and_query().cloned();
 
@@ -157,7 +171,11 @@ impl Proxy {
                 Failure::Connect(_) => body.replayable(),
                 Failure::Other(_) | Failure::Timeout(_) => idempotent && body.replayable(),
             };
-            let status = if matches!(failure, Failure::Timeout(_)) { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
+            let status = if matches!(failure, Failure::Timeout(_)) {
+                StatusCode::GATEWAY_TIMEOUT
+            } else {
+                StatusCode::BAD_GATEWAY
+            };
             last_error = Some(plain(status, format!("backend {} failed: {reason}\n", entry.addr)));
             if !retry {
                 break;
@@ -180,7 +198,15 @@ impl Proxy {
         }
     }
 
-    fn log(&self, method: &Method, path: &str, peer: SocketAddr, resp: &Response<ResponseBody>, started: Instant, o: &Outcome<'_>) {
+    fn log(
+        &self,
+        method: &Method,
+        path: &str,
+        peer: SocketAddr,
+        resp: &Response<ResponseBody>,
+        started: Instant,
+        o: &Outcome<'_>,
+    ) {
         if !self.access_log {
             return;
         }
@@ -218,7 +244,11 @@ impl std::fmt::Display for Failure {
     }
 }
 
-fn finish(resp: Response<Incoming>, guard: crate::pool::ActiveGuard, extra: Vec<(String, String)>) -> Response<ResponseBody> {
+fn finish(
+    resp: Response<Incoming>,
+    guard: crate::pool::ActiveGuard,
+    extra: Vec<(String, String)>,
+) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
     for (name, value) in extra {

@@ -76,7 +76,10 @@ impl Selector {
                     Choice::Backend { index: i as usize, response_headers: d.response_headers, fallback: false }
                 }
                 Target::Backend(i) => {
-                    self.failed(PickErrorKind::BadAnswer, &format!("picked backend {i}, which this request already tried"));
+                    self.failed(
+                        PickErrorKind::BadAnswer,
+                        &format!("picked backend {i}, which this request already tried"),
+                    );
                     self.fallback(pool, exclude)
                 }
                 Target::Reject(status, body) => Choice::Reject(status, body),
