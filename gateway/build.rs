@@ -46,7 +46,8 @@ fn main() {
         );
     }
 
-    let mut embedded = String::from("/// Built-in strategies: (name, component bytes).\npub const BUILTINS: &[(&str, &[u8])] = &[\n");
+    let mut embedded =
+        String::from("/// Built-in strategies: (name, component bytes).\npub const BUILTINS: &[(&str, &[u8])] = &[\n");
     for (name, dir) in &all {
         let core = target_dir.join(WASM_TARGET).join("plugin").join(format!("{}.wasm", name.replace('-', "_")));
         let module = fs::read(&core).unwrap_or_else(|e| panic!("read {}: {e}", core.display()));
