@@ -3,6 +3,7 @@
 //!
 //! - `GET /healthz` → `ok`
 //! - `GET /api/upstreams` → every upstream, its plugin and its backends with live stats
+//! - `GET /api/plugins` → every plugin loaded: origin, hash, load time, last error
 //! - `POST /api/upstreams/{upstream}/backends/{id}/drain` (and `/undrain`)
 
 use crate::gateway::Gateway;
@@ -56,6 +57,7 @@ pub fn handle(gw: &Gateway, ext: Option<&dyn Extension>, method: &Method, path: 
     match (method, segments.as_slice()) {
         (&Method::GET, ["healthz"]) => plain(StatusCode::OK, "ok\n"),
         (&Method::GET, ["api", "upstreams"]) => json_response(StatusCode::OK, upstreams(gw)),
+        (&Method::GET, ["api", "plugins"]) => json_response(StatusCode::OK, plugins(gw)),
         (&Method::POST, ["api", "upstreams", up, "backends", id, action @ ("drain" | "undrain")]) => {
             let Some(upstream) = gw.upstream(up) else {
                 return json_response(StatusCode::NOT_FOUND, json!({"error": format!("no upstream `{up}`")}));
@@ -115,6 +117,41 @@ fn upstreams(gw: &Gateway) -> serde_json::Value {
         })
         .collect();
     json!({ "upstreams": list })
+}
+
+fn plugins(gw: &Gateway) -> serde_json::Value {
+    let list: Vec<_> = gw
+        .plugins
+        .registered()
+        .into_iter()
+        .map(|(name, r)| {
+            let used_by: Vec<_> = gw
+                .upstreams
+                .iter()
+                .filter(|u| u.selector.binding().plugin().name == name)
+                .map(|u| u.name.clone())
+                .collect();
+            let current = r.current.as_ref().map(|p| {
+                let loaded = p.loaded_at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                json!({
+                    "origin": p.origin.to_string(),
+                    "sha256": p.hash,
+                    "size": p.size,
+                    "loaded_at_unix_ms": loaded.as_millis() as u64,
+                    "load_ms": p.compile_time.as_secs_f64() * 1e3,
+                    "from_cache": p.from_cache,
+                })
+            });
+            json!({
+                "name": name,
+                "serving": current,
+                "used_by": used_by,
+                "last_error": r.last_error,
+                "file_deleted": r.file_deleted,
+            })
+        })
+        .collect();
+    json!({ "plugins": list })
 }
 
 /// A JSON response.

@@ -218,6 +218,15 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_is_valid() {
+        let text = include_str!("../../../examples/gateway.yaml");
+        let c = from_yaml(Path::new("examples/gateway.yaml"), text).unwrap();
+        assert_eq!(c.upstreams.len(), 2);
+        assert_eq!(c.routes[0].host.as_deref(), Some("api.example.com"));
+        assert_eq!(c.upstreams["api"].backends[1].id(), "api-canary");
+    }
+
+    #[test]
     fn route_to_unknown_upstream_is_located() {
         let e =
             err("routes:\n  - upstream: nope\nupstreams:\n  web:\n    backends:\n      - address: 127.0.0.1:9001\n");

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The gateway as lbbench's "gateway under test": one worker thread, Wasm round robin,
+# no access log (HAProxy and nginx in the harness log nothing either).
+# lbbench exports LBBENCH_PORT and LBBENCH_BACKENDS (comma-separated host:port).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+args=()
+for b in ${LBBENCH_BACKENDS//,/ }; do args+=(-b "$b"); done
+exec target/release/gateway --listen "127.0.0.1:${LBBENCH_PORT}" --threads 1 --no-access-log \
+  --strategy "${GATEWAY_STRATEGY:-round-robin}" "${args[@]}"
