@@ -138,6 +138,17 @@ fn worker(gw: Arc<Gateway>, listeners: Vec<std::net::TcpListener>, stop: Cancell
                 tracing::warn!(upstream = %up.name, "warming the plugin failed: {e}");
             }
         }
+        // Warm new plugin versions on this thread before they are swapped in.
+        let mut warmer = gw.plugins.warmer();
+        let warm_gw = gw.clone();
+        tokio::spawn(async move {
+            while let Some(generation) = warmer.changed().await {
+                for up in &warm_gw.upstreams {
+                    up.selector.binding().warm_staged(&up.pool.snapshot());
+                }
+                warmer.done(generation);
+            }
+        });
         let connect_timeout = gw.upstreams.iter().map(|u| u.timeouts.connect).min().unwrap_or(Duration::from_secs(2));
         let client = proxy::client(connect_timeout);
         let graceful = GracefulShutdown::new();

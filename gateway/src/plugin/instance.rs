@@ -3,7 +3,7 @@
 use super::bindings::{CurrentRequest, HostState, RequestRef, SelectorBindings, WitBackend, WitTarget};
 use super::{Origin, Plugin, PluginError, PluginHost, shared::Namespace};
 use crate::pool::PoolSnapshot;
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -64,6 +64,8 @@ struct Slot {
 thread_local! {
     /// This thread's instances, by binding id.
     static SLOTS: RefCell<HashMap<u64, Slot>> = RefCell::new(HashMap::new());
+    /// Instances of a staged (about to be swapped in) version, built ahead of the swap.
+    static STAGED: RefCell<HashMap<u64, Slot>> = RefCell::new(HashMap::new());
 }
 
 fn next_binding_id() -> u64 {
@@ -77,6 +79,8 @@ pub struct Binding {
     host: Arc<PluginHost>,
     upstream: Arc<str>,
     plugin: ArcSwap<Plugin>,
+    /// A version that passed its checks and is being warmed on every worker.
+    next: ArcSwapOption<Plugin>,
     params: String,
     namespace: Arc<Namespace>,
     /// Calls that failed (trap, timeout, bad answer) since start.
@@ -102,6 +106,7 @@ impl Binding {
             host,
             upstream: upstream.into(),
             plugin: ArcSwap::new(plugin),
+            next: ArcSwapOption::empty(),
             params,
             namespace,
             failures: AtomicU64::new(0),
@@ -143,6 +148,22 @@ impl Binding {
     /// each worker's instance is replaced on its next use.
     pub(super) fn swap(&self, plugin: Arc<Plugin>) {
         self.plugin.store(plugin);
+        self.next.store(None);
+    }
+
+    /// Announces `plugin` as the next version, so workers can warm it before the swap.
+    pub(super) fn stage(&self, plugin: Arc<Plugin>) {
+        self.next.store(Some(plugin));
+    }
+
+    /// Builds this thread's instance of the staged version (instantiate, `configure`,
+    /// `pool-changed`), so that the swap costs requests nothing. Call between requests.
+    pub fn warm_staged(&self, pool: &Arc<PoolSnapshot>) {
+        let Some(next) = self.next.load_full() else { return };
+        let Ok(mut slot) = self.instantiate(&next) else { return };
+        if self.refresh(&mut slot, pool).is_ok() {
+            STAGED.with(|s| s.borrow_mut().insert(self.id, slot));
+        }
     }
 
     /// Creates this thread's instance now (and pushes `pool`), so the first request
@@ -205,7 +226,12 @@ impl Binding {
             let mut slots = slots.borrow_mut();
             let plugin = self.plugin.load();
             if slots.get(&self.id).is_none_or(|s| s.version != plugin.version) {
-                let slot = self.instantiate(&plugin).map_err(|e| PickError {
+                let staged = STAGED.with(|s| s.borrow_mut().remove(&self.id)).filter(|s| s.version == plugin.version);
+                let slot = match staged {
+                    Some(slot) => Ok(slot),
+                    None => self.instantiate(&plugin),
+                }
+                .map_err(|e| PickError {
                     kind: PickErrorKind::Instantiate,
                     message: match e {
                         SetupError::Configure(m) => format!("configure refused its params: {m}"),

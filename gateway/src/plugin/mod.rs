@@ -11,6 +11,7 @@ mod builtin;
 mod cache;
 mod instance;
 mod shared;
+mod warm;
 mod watch;
 
 use crate::config;
@@ -26,12 +27,15 @@ use wasmtime::{Engine, OptLevel};
 
 pub use instance::{Binding, Decision, PickError, PickErrorKind, Target};
 pub use shared::Namespace;
+pub use warm::Warmer;
 pub use watch::watch;
 
 /// The world a plugin must implement, as printed in errors.
 pub const WORLD: &str = "gateway:selector/selector@0.1.0";
 const IMPORT: &str = "gateway:selector/host@0.1.0";
 const EXPORT: &str = "gateway:selector/policy@0.1.0";
+/// Longest a swap waits for the workers to warm the new version.
+const WARM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Epoch tick; deadlines are whole ticks.
 const TICK: Duration = Duration::from_millis(1);
 
@@ -194,6 +198,7 @@ pub struct PluginHost {
     namespaces: Mutex<HashMap<String, Arc<Namespace>>>,
     registry: Mutex<HashMap<String, Registered>>,
     bindings: Mutex<Vec<Weak<Binding>>>,
+    warm: warm::Coordinator,
 }
 
 impl fmt::Debug for PluginHost {
@@ -250,6 +255,7 @@ impl PluginHost {
             namespaces: Mutex::new(HashMap::new()),
             registry: Mutex::new(HashMap::new()),
             bindings: Mutex::new(Vec::new()),
+            warm: warm::Coordinator::default(),
         }))
     }
 
@@ -312,6 +318,14 @@ impl PluginHost {
         for b in &bindings {
             b.check(&plugin).map_err(refuse)?;
         }
+        // Warm the new version on every worker before it serves (instantiating a Python
+        // or JavaScript plugin takes about a millisecond), then swap.
+        for b in &bindings {
+            b.stage(plugin.clone());
+        }
+        if !bindings.is_empty() {
+            self.warm.warm_all(WARM_TIMEOUT);
+        }
         for b in &bindings {
             b.swap(plugin.clone());
         }
@@ -321,6 +335,12 @@ impl PluginHost {
     /// The file of `name` disappeared: keep serving the last good version.
     pub fn file_deleted(&self, name: &str) {
         self.record(name, |r| r.file_deleted = true);
+    }
+
+    /// Registers a worker thread: it must call [`Warmer::changed`] in a loop and warm
+    /// its staged instances ([`Binding::warm_staged`]) each time.
+    pub fn warmer(&self) -> Warmer {
+        self.warm.warmer()
     }
 
     /// Whether the plugins folder should be watched for changes.

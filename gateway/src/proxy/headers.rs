@@ -54,6 +54,21 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, authority: Option<
     }
 }
 
+/// The protocol a client asks to upgrade to (`Connection: upgrade` + `Upgrade: X`).
+pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let connection = headers.get(header::CONNECTION)?.to_str().ok()?;
+    if !connection.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")) {
+        return None;
+    }
+    headers.get(header::UPGRADE).cloned()
+}
+
+/// Sets `Connection: upgrade` and `Upgrade: protocol` (after hop-by-hop removal).
+pub fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -103,7 +103,14 @@ impl Proxy {
     ) -> Response<ResponseBody> {
         let (mut parts, incoming) = req.into_parts();
         let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
+        // WebSocket and other HTTP/1.1 upgrades: keep the upgrade headers for the
+        // backend, and take the client side of the connection for the tunnel.
+        let upgrade = headers::upgrade_protocol(&parts.headers);
+        let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
         headers::remove_hop_by_hop(&mut parts.headers);
+        if let Some(protocol) = &upgrade {
+            headers::set_upgrade(&mut parts.headers, protocol.clone());
+        }
         headers::add_forwarded(&mut parts.headers, peer.ip(), authority.as_deref());
         if !parts.headers.contains_key(headers::X_REQUEST_ID) {
             parts.headers.insert(headers::X_REQUEST_ID, request_id());
@@ -154,6 +161,18 @@ impl Proxy {
                         continue;
                     }
                     return finish(resp, guard, extra_headers);
+                }
+                Ok(Ok(mut resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_some() => {
+                    entry.stats.success(sent.elapsed());
+                    let backend_upgrade = hyper::upgrade::on(&mut resp);
+                    let protocol = headers::upgrade_protocol(resp.headers());
+                    tokio::spawn(tunnel(client_upgrade.expect("checked above"), backend_upgrade, guard));
+                    let (mut parts, _) = resp.into_parts();
+                    headers::remove_hop_by_hop(&mut parts.headers);
+                    if let Some(p) = protocol {
+                        headers::set_upgrade(&mut parts.headers, p);
+                    }
+                    return Response::from_parts(parts, ResponseBody::empty());
                 }
                 Ok(Ok(resp)) => {
                     entry.stats.success(sent.elapsed());
@@ -226,6 +245,28 @@ impl Proxy {
             "request"
         );
     }
+}
+
+/// Copies bytes both ways between an upgraded client connection and the backend's,
+/// counting the tunnel as one in-flight request until either side closes.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    backend: hyper::upgrade::OnUpgrade,
+    guard: crate::pool::ActiveGuard,
+) {
+    let (client, backend) = match tokio::try_join!(client, backend) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!("upgrade failed: {e}");
+            return;
+        }
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut backend = hyper_util::rt::TokioIo::new(backend);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+        tracing::debug!("upgraded connection ended: {e}");
+    }
+    drop(guard);
 }
 
 enum Failure {
