@@ -37,6 +37,20 @@ impl Pool {
         let start = (n % len as u64) as usize;
         (0..len).map(|k| self.healthy[(start + k) % len]).find(|i| !exclude.contains(i))
     }
+
+    /// True when the backend at `index` exists and is healthy.
+    pub fn is_healthy(&self, index: u32) -> bool {
+        self.backends.get(index as usize).is_some_and(|b| b.healthy)
+    }
+
+    /// How many healthy backends are not in `exclude` (duplicates in `exclude` count
+    /// once). Costs O(`exclude.len()`²), not O(pool size): `exclude` holds the few
+    /// backends a retry already tried.
+    pub fn available(&self, exclude: &[u32]) -> usize {
+        let excluded =
+            exclude.iter().enumerate().filter(|&(k, &i)| self.is_healthy(i) && !exclude[..k].contains(&i)).count();
+        self.healthy.len() - excluded
+    }
 }
 
 #[cfg(test)]
@@ -56,5 +70,15 @@ mod tests {
         assert_eq!(pool.healthy_nth(1, &[2]), Some(3));
         assert_eq!(pool.healthy_nth(0, &[0, 2, 3]), None);
         assert_eq!(Pool::default().healthy_nth(5, &[]), None);
+    }
+
+    #[test]
+    fn available_counts_healthy_backends_not_excluded() {
+        let pool = Pool::new(vec![backend(true), backend(false), backend(true)]);
+        assert!(pool.is_healthy(0) && !pool.is_healthy(1) && !pool.is_healthy(9));
+        assert_eq!(pool.available(&[]), 2);
+        assert_eq!(pool.available(&[1, 9]), 2, "unhealthy or unknown: no effect");
+        assert_eq!(pool.available(&[0, 0]), 1, "duplicates count once");
+        assert_eq!(pool.available(&[2, 0]), 0);
     }
 }
