@@ -18,8 +18,19 @@ fn main() {
     }
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
 
-    let builtins = crate_dirs(&root.join("plugins"));
-    let test_plugins = crate_dirs(&manifest.join("tests/plugins"));
+    // Only workspace members: a crate being written that is not listed yet is skipped.
+    let members = fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let is_member = |dir: &Path| {
+        let rel = dir.strip_prefix(&root).unwrap().to_string_lossy().replace('\\', "/");
+        let listed = members.contains(&format!("\"{rel}\""));
+        if !listed {
+            println!("cargo:warning={rel} is not in the workspace members of Cargo.toml: not built");
+        }
+        listed
+    };
+    let builtins: Vec<_> = crate_dirs(&root.join("plugins")).into_iter().filter(|(_, d)| is_member(d)).collect();
+    let test_plugins: Vec<_> =
+        crate_dirs(&manifest.join("tests/plugins")).into_iter().filter(|(_, d)| is_member(d)).collect();
     let all: Vec<_> = builtins.iter().chain(&test_plugins).collect();
 
     let target_dir = env::var_os("CARGO_TARGET_DIR")

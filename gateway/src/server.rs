@@ -151,6 +151,8 @@ fn worker(gw: Arc<Gateway>, listeners: Vec<std::net::TcpListener>, stop: Cancell
         });
         let connect_timeout = gw.upstreams.iter().map(|u| u.timeouts.connect).min().unwrap_or(Duration::from_secs(2));
         let client = proxy::client(connect_timeout);
+        // One Arc per request instead of cloning the gateway and the client separately.
+        let worker = Arc::new((gw.clone(), client));
         let graceful = GracefulShutdown::new();
         let builder = auto::Builder::new(TokioExecutor::new());
         let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -191,10 +193,10 @@ fn worker(gw: Arc<Gateway>, listeners: Vec<std::net::TcpListener>, stop: Cancell
                 c = conn_rx.recv() => match c { Some(c) => c, None => break },
             };
             let _ = stream.set_nodelay(true);
-            let (gw, client) = (gw.clone(), client.clone());
+            let (worker, conn) = (worker.clone(), Arc::new(proxy::ClientConn::new(peer)));
             let service = service_fn(move |req| {
-                let (gw, client) = (gw.clone(), client.clone());
-                async move { Ok::<_, Infallible>(gw.proxy.handle(&client, req, peer).await) }
+                let (worker, conn) = (worker.clone(), conn.clone());
+                async move { Ok::<_, Infallible>(worker.0.proxy.handle(&worker.1, req, &conn).await) }
             });
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
             let conn = graceful.watch(conn);

@@ -2,7 +2,6 @@
 
 use super::shared::Namespace;
 use crate::pool::PoolSnapshot;
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -36,7 +35,8 @@ pub struct CurrentRequest {
 pub struct HostState {
     pub limits: StoreLimits,
     pub namespace: Arc<Namespace>,
-    pub counters: HashMap<String, Arc<AtomicI64>>,
+    /// Counters this instance used, looked up once (plugins use a handful of keys).
+    pub counters: Vec<(String, Arc<AtomicI64>)>,
     pub request: Option<CurrentRequest>,
     /// The pool as last pushed to this instance; `stats(i)` reads it.
     pub pool: Option<Arc<PoolSnapshot>>,
@@ -51,7 +51,7 @@ impl HostState {
         HostState {
             limits,
             namespace,
-            counters: HashMap::new(),
+            counters: Vec::new(),
             request: None,
             pool: None,
             rng: seed ^ 0x9E37_79B9_7F4A_7C15 ^ (Arc::as_ptr(&plugin) as *const u8 as u64),
@@ -71,12 +71,12 @@ fn now_ms() -> u64 {
 
 impl gen_::gateway::selector::host::Host for HostState {
     fn counter_add(&mut self, key: String, delta: i64) -> i64 {
-        if let Some(c) = self.counters.get(&key) {
+        if let Some((_, c)) = self.counters.iter().find(|(k, _)| *k == key) {
             return c.fetch_add(delta, Ordering::Relaxed) + delta;
         }
         let c = self.namespace.counter(&key);
         let v = c.fetch_add(delta, Ordering::Relaxed) + delta;
-        self.counters.insert(key, c);
+        self.counters.push((key, c));
         v
     }
 

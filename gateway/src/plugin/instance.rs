@@ -53,6 +53,31 @@ pub struct PickError {
     pub message: String,
 }
 
+/// This thread's instances, indexed by binding id (ids are small and dense).
+#[derive(Default)]
+struct Slots(Vec<Option<Slot>>);
+
+impl Slots {
+    fn get(&self, id: u64) -> Option<&Slot> {
+        self.0.get(id as usize)?.as_ref()
+    }
+    fn get_mut(&mut self, id: u64) -> Option<&mut Slot> {
+        self.0.get_mut(id as usize)?.as_mut()
+    }
+    fn insert(&mut self, id: u64, slot: Slot) {
+        let i = id as usize;
+        if self.0.len() <= i {
+            self.0.resize_with(i + 1, || None);
+        }
+        self.0[i] = Some(slot);
+    }
+    fn remove(&mut self, id: u64) {
+        if let Some(s) = self.0.get_mut(id as usize) {
+            *s = None;
+        }
+    }
+}
+
 /// One live instance, owned by one worker thread.
 struct Slot {
     version: u64,
@@ -63,7 +88,7 @@ struct Slot {
 
 thread_local! {
     /// This thread's instances, by binding id.
-    static SLOTS: RefCell<HashMap<u64, Slot>> = RefCell::new(HashMap::new());
+    static SLOTS: RefCell<Slots> = RefCell::new(Slots::default());
     /// Instances of a staged (about to be swapped in) version, built ahead of the swap.
     static STAGED: RefCell<HashMap<u64, Slot>> = RefCell::new(HashMap::new());
 }
@@ -225,7 +250,7 @@ impl Binding {
         SLOTS.with(|slots| {
             let mut slots = slots.borrow_mut();
             let plugin = self.plugin.load();
-            if slots.get(&self.id).is_none_or(|s| s.version != plugin.version) {
+            if slots.get(self.id).is_none_or(|s| s.version != plugin.version) {
                 let staged = STAGED.with(|s| s.borrow_mut().remove(&self.id)).filter(|s| s.version == plugin.version);
                 let slot = match staged {
                     Some(slot) => Ok(slot),
@@ -240,10 +265,10 @@ impl Binding {
                 })?;
                 slots.insert(self.id, slot);
             }
-            let slot = slots.get_mut(&self.id).expect("inserted above");
+            let slot = slots.get_mut(self.id).expect("inserted above");
             let result = self.refresh(slot, pool).and_then(|()| f(slot));
             if result.is_err() {
-                slots.remove(&self.id);
+                slots.remove(self.id);
                 self.failures.fetch_add(1, Relaxed);
             }
             result

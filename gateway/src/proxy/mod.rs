@@ -40,6 +40,22 @@ pub fn client(connect_timeout: Duration) -> UpstreamClient {
         .build(connector)
 }
 
+/// The client end of one connection, shared by its requests.
+#[derive(Debug)]
+pub struct ClientConn {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Its IP as a header value, for `X-Forwarded-For`.
+    ip: http::HeaderValue,
+}
+
+impl ClientConn {
+    /// Describes the connection from `peer`.
+    pub fn new(peer: SocketAddr) -> Self {
+        ClientConn { peer, ip: headers::ip_value(peer.ip()) }
+    }
+}
+
 /// Everything a request needs, shared by all worker threads.
 #[derive(Debug)]
 pub struct Proxy {
@@ -66,8 +82,9 @@ impl Proxy {
         &self,
         client: &UpstreamClient,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        conn: &ClientConn,
     ) -> Response<ResponseBody> {
+        let peer = conn.peer;
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
@@ -88,7 +105,7 @@ impl Proxy {
         let upstream = &route.upstream;
         let mut outcome =
             Outcome { route: &route.name, upstream: &upstream.name, backend: None, attempts: 0, fallback: false };
-        let resp = self.forward(client, req, peer, upstream, &mut outcome).await;
+        let resp = self.forward(client, req, conn, upstream, &mut outcome).await;
         self.log(&method, &path, peer, &resp, started, &outcome);
         resp
     }
@@ -97,7 +114,7 @@ impl Proxy {
         &self,
         client: &UpstreamClient,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        conn: &ClientConn,
         upstream: &Upstream,
         outcome: &mut Outcome<'_>,
     ) -> Response<ResponseBody> {
@@ -111,7 +128,8 @@ impl Proxy {
         if let Some(protocol) = &upgrade {
             headers::set_upgrade(&mut parts.headers, protocol.clone());
         }
-        headers::add_forwarded(&mut parts.headers, peer.ip(), authority.as_deref());
+        headers::add_forwarded(&mut parts.headers, &conn.ip, authority.as_deref());
+        let peer = conn.peer;
         if !parts.headers.contains_key(headers::X_REQUEST_ID) {
             parts.headers.insert(headers::X_REQUEST_ID, request_id());
         }
@@ -339,5 +357,9 @@ fn request_id() -> header::HeaderValue {
         n.set(v);
         v
     });
-    header::HeaderValue::from_str(&format!("{id:016x}")).expect("hex is a valid header value")
+    let mut hex = [0u8; 16];
+    for (i, b) in hex.iter_mut().enumerate() {
+        *b = b"0123456789abcdef"[((id >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    header::HeaderValue::from_bytes(&hex).expect("hex is a valid header value")
 }
