@@ -1,0 +1,145 @@
+"""Native tests of app.py under plain CPython (no Wasm):
+
+    python3 -m unittest discover -s examples/plugins/python-path-router
+
+The modules componentize-py generates (wit_world, componentize_py_types) are replaced
+by small stand-ins with the same names and shapes.
+"""
+
+import sys
+import types
+import unittest
+from dataclasses import dataclass
+
+
+def install_stubs():
+    counters: dict[str, int] = {}
+
+    class Err(Exception):
+        def __init__(self, value):
+            super().__init__(value)
+            self.value = value
+
+    @dataclass
+    class Backend:
+        id: str
+        address: str
+        weight: int
+        zone: str
+        labels: list
+        healthy: bool
+
+    @dataclass
+    class Target_Backend:
+        value: int
+
+    @dataclass
+    class Target_Reject:
+        value: tuple
+
+    @dataclass
+    class Decision:
+        target: object
+        response_headers: list
+
+    def counter_add(key, delta):
+        counters[key] = counters.get(key, 0) + delta
+        return counters[key]
+
+    modules = {
+        "componentize_py_types": {"Err": Err},
+        "wit_world": {},
+        "wit_world.exports": {"Policy": type("Policy", (), {})},
+        "wit_world.imports": {},
+        "wit_world.imports.host": {"counter_add": counter_add},
+        "wit_world.imports.types": {
+            "Backend": Backend,
+            "Decision": Decision,
+            "Request": object,
+            "Target_Backend": Target_Backend,
+            "Target_Reject": Target_Reject,
+        },
+    }
+    for name, attrs in modules.items():
+        module = types.ModuleType(name)
+        module.__dict__.update(attrs)
+        sys.modules[name] = module
+    sys.modules["wit_world"].exports = sys.modules["wit_world.exports"]
+    sys.modules["wit_world"].imports = sys.modules["wit_world.imports"]
+    sys.modules["wit_world.imports"].host = sys.modules["wit_world.imports.host"]
+    sys.modules["wit_world.imports"].types = sys.modules["wit_world.imports.types"]
+    return counters, Err, Backend
+
+
+COUNTERS, Err, Backend = install_stubs()
+import app  # noqa: E402
+
+
+class Req:
+    def __init__(self, path):
+        self._path = path
+
+    def path(self):
+        return self._path
+
+
+def backend(i, role=None, healthy=True):
+    labels = [("zone", "x"), ("role", role)] if role else []
+    return Backend(f"b{i}", f"127.0.0.1:{9000 + i}", 1, "", labels, healthy)
+
+
+PARAMS = '{"routes": {"/api": "api", "/api/v2": "v2", "/static": "static"}, "label": "role"}'
+
+
+class PathRouterTest(unittest.TestCase):
+    def setUp(self):
+        COUNTERS.clear()
+        app.STATE = app.State()
+        # A fresh Policy object per call, as componentize-py may do.
+        app.Policy().configure(PARAMS)
+        app.Policy().pool_changed(
+            1,
+            [backend(0, "api"), backend(1, "api"), backend(2, "static"), backend(3), backend(4, "api", healthy=False),
+             backend(5, "v2")],
+        )
+
+    def picks(self, path, n, exclude=()):
+        out = []
+        for _ in range(n):
+            t = app.Policy().pick(Req(path), list(exclude)).target
+            out.append(t.value if type(t).__name__ == "Target_Backend" else t.value[0])
+        return out
+
+    def test_prefix_goes_round_robin_to_the_labelled_backends(self):
+        self.assertEqual(self.picks("/api/books?x=1", 4), [0, 1, 0, 1])
+        self.assertEqual(self.picks("/static/app.css", 2), [2, 2])
+        # The longest prefix wins.
+        self.assertEqual(self.picks("/api/v2/x", 2), [5, 5])
+
+    def test_other_paths_go_round_robin_over_all_healthy(self):
+        self.assertEqual(self.picks("/", 6), [0, 1, 2, 3, 5, 0])
+
+    def test_exclude_and_503(self):
+        self.assertEqual(self.picks("/api/x", 1, exclude=[0]), [1])
+        self.assertEqual(self.picks("/static", 1, exclude=[2]), [503])
+        d = app.Policy().pick(Req("/static"), [2])
+        self.assertIn("role=static", d.target.value[1])
+
+    def test_configure_refuses_bad_params(self):
+        for params, needle in [
+            ("{}", 'missing param "routes"'),
+            ("[]", "must be a JSON object"),
+            ("nope", "not valid JSON"),
+            ('{"routes": []}', '"routes" must be an object'),
+            ('{"routes": {"api": "api"}}', 'must start with "/"'),
+            ('{"routes": {"/api": 1}}', "non-empty string"),
+            ('{"routes": {}, "label": ""}', '"label" must be'),
+            ('{"routes": {}, "lable": "role"}', "unknown param"),
+        ]:
+            with self.assertRaises(Err, msg=params) as cm:
+                app.Policy().configure(params)
+            self.assertIn(needle, cm.exception.value, params)
+
+
+if __name__ == "__main__":
+    unittest.main()
