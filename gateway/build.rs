@@ -75,6 +75,7 @@ fn main() {
     }
     embedded.push_str("];\n");
     fs::write(out.join("builtins.rs"), embedded).unwrap();
+    write_scaffold_sources(&root, &out);
     // Integration tests find the test plugins (trap, spin, wrong-world) here.
     println!("cargo:rustc-env=GATEWAY_TEST_PLUGINS={}", out.display());
 }
@@ -99,4 +100,55 @@ fn crate_dirs(dir: &Path) -> Vec<(String, PathBuf)> {
         .collect();
     crates.sort();
     crates
+}
+
+/// Embeds the SDK sources and the WIT world for `gateway plugin new`.
+fn write_scaffold_sources(root: &Path, out: &Path) {
+    let mut files = Vec::new();
+    for (dir, prefix) in [(root.join("sdk/src"), "sdk/src"), (root.join("wit"), "wit")] {
+        let mut names: Vec<_> =
+            fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.is_file()).collect();
+        names.sort();
+        for path in names {
+            let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+            files.push((format!("{prefix}/{name}"), path));
+        }
+    }
+    let mut code = String::from(
+        "/// SDK and WIT files for new plugin projects: (relative path, contents).\npub const FILES: &[(&str, &str)] = &[\n",
+    );
+    for (rel, path) in files {
+        code.push_str(&format!("    ({rel:?}, include_str!({:?})),\n", path.display().to_string()));
+    }
+    let sdk_manifest = out.join("sdk-Cargo.toml");
+    fs::write(&sdk_manifest, standalone_sdk_manifest(root)).unwrap();
+    code.push_str(&format!("    (\"sdk/Cargo.toml\", include_str!({:?})),\n", sdk_manifest.display().to_string()));
+    code.push_str("];\n");
+    fs::write(out.join("scaffold_files.rs"), code).unwrap();
+}
+
+/// sdk/Cargo.toml with the workspace-inherited fields resolved, for a project of its own.
+fn standalone_sdk_manifest(root: &Path) -> String {
+    let workspace = fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let sdk = fs::read_to_string(root.join("sdk/Cargo.toml")).unwrap();
+    let section = |text: &str, name: &str| -> Vec<String> {
+        text.split("\n[")
+            .find(|s| s.starts_with(&format!("{name}]")))
+            .map(|s| s.lines().skip(1).map(str::to_owned).collect())
+            .unwrap_or_default()
+    };
+    let workspace_deps = section(&workspace, "workspace.dependencies");
+    let mut out = String::from(
+        "[package]\nname = \"gateway-sdk\"\nversion = \"0.1.0\"\nedition = \"2024\"\npublish = false\n\n[dependencies]\n",
+    );
+    for line in section(&sdk, "dependencies") {
+        let Some((dep, _)) = line.split_once(".workspace = true") else { continue };
+        let spec = workspace_deps
+            .iter()
+            .find(|l| l.split_once(" =").is_some_and(|(n, _)| n.trim() == dep))
+            .unwrap_or_else(|| panic!("sdk dependency {dep} is not in [workspace.dependencies]"));
+        out.push_str(spec);
+        out.push('\n');
+    }
+    out
 }

@@ -108,6 +108,17 @@ pub enum PluginCommand {
         #[arg(long, default_value = "plugins")]
         plugins: PathBuf,
     },
+    /// Create a ready-to-build plugin project (a commented round robin to edit).
+    New {
+        /// Plugin name (lowercase letters, digits, `-`).
+        name: String,
+        /// Language.
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: crate::scaffold::Lang,
+        /// Folder to create [default: ./NAME].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Write a built-in strategy out as a component file.
     Export {
         /// Built-in name, e.g. round-robin.

@@ -120,6 +120,24 @@ pub fn plugin_list(dir: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+pub fn plugin_new(
+    name: &str,
+    lang: gateway::scaffold::Lang,
+    dir: Option<std::path::PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let dest = dir.unwrap_or_else(|| std::path::PathBuf::from(name));
+    let files = gateway::scaffold::create(name, lang, &dest)?;
+    println!("created {} ({} files); build it as its README.md says:", dest.display(), files.len());
+    let readme = std::fs::read_to_string(dest.join("README.md")).unwrap_or_default();
+    if let Some(block) = readme.split("```sh").nth(1).and_then(|b| b.split("```").next()) {
+        println!("    cd {}", dest.display());
+        for line in block.lines().filter(|l| !l.trim().is_empty()) {
+            println!("    {}", line.trim());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn plugin_export(name: &str, output: &Path) -> anyhow::Result<ExitCode> {
     let bytes = plugin::builtin_bytes(name)
         .with_context(|| format!("no built-in plugin `{name}` (built-in: {})", plugin::builtin_names().join(", ")))?;

@@ -13,6 +13,7 @@ pub mod plugin;
 pub mod pool;
 pub mod proxy;
 pub mod router;
+pub mod scaffold;
 pub mod select;
 pub mod server;
 pub mod upstream;

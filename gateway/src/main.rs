@@ -16,6 +16,7 @@ fn main() -> ExitCode {
             PluginCommand::Check { file, params } => commands::plugin_check(&file, &params),
             PluginCommand::List { plugins } => commands::plugin_list(&plugins),
             PluginCommand::Export { name, output } => commands::plugin_export(&name, &output),
+            PluginCommand::New { name, lang, dir } => commands::plugin_new(&name, lang, dir),
         },
     };
     match result {

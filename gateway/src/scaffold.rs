@@ -1,0 +1,111 @@
+//! `gateway plugin new`: a ready-to-build plugin project whose strategy is a commented
+//! round robin, with the WIT world (and, for Rust, the SDK) included.
+
+use std::path::{Path, PathBuf};
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/scaffold_files.rs"));
+}
+
+/// Languages a project can be created in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Lang {
+    /// Rust with the gateway SDK, built for `wasm32-wasip2`.
+    Rust,
+    /// Python, built with componentize-py.
+    Python,
+    /// JavaScript, built with componentize-js.
+    Js,
+}
+
+/// Why a project could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum ScaffoldError {
+    /// The name is not usable as a plugin (and crate/module) name.
+    #[error("`{0}` is not a valid plugin name: use lowercase letters, digits and `-`, starting with a letter")]
+    BadName(String),
+    /// The destination exists.
+    #[error("{0} already exists: choose another name or folder")]
+    Exists(PathBuf),
+    /// Writing failed.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Template files per language: (path in the project, contents with `{{name}}`/`{{crate}}`).
+fn templates(lang: Lang) -> Vec<(&'static str, &'static str)> {
+    match lang {
+        Lang::Rust => vec![
+            ("Cargo.toml", include_str!("../templates/rust/Cargo.toml.tmpl")),
+            ("src/lib.rs", include_str!("../templates/rust/src/lib.rs.tmpl")),
+            ("README.md", include_str!("../templates/rust/README.md.tmpl")),
+        ],
+        Lang::Python => vec![
+            ("app.py", include_str!("../templates/python/app.py.tmpl")),
+            ("README.md", include_str!("../templates/python/README.md.tmpl")),
+        ],
+        Lang::Js => vec![
+            ("plugin.js", include_str!("../templates/js/plugin.js.tmpl")),
+            ("README.md", include_str!("../templates/js/README.md.tmpl")),
+        ],
+    }
+}
+
+/// Writes the project for plugin `name` into `dest` (which must not exist). Returns the
+/// files written.
+pub fn create(name: &str, lang: Lang, dest: &Path) -> Result<Vec<PathBuf>, ScaffoldError> {
+    let valid = name.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.ends_with('-');
+    if !valid {
+        return Err(ScaffoldError::BadName(name.into()));
+    }
+    if dest.exists() {
+        return Err(ScaffoldError::Exists(dest.into()));
+    }
+    let crate_name = name.replace('-', "_");
+    let mut files: Vec<(String, String)> = templates(lang)
+        .into_iter()
+        .map(|(path, text)| (path.to_owned(), text.replace("{{name}}", name).replace("{{crate}}", &crate_name)))
+        .collect();
+    for (path, text) in embedded::FILES {
+        let wanted = path.starts_with("wit/") || (lang == Lang::Rust && path.starts_with("sdk/"));
+        if wanted {
+            files.push(((*path).to_owned(), (*text).to_owned()));
+        }
+    }
+    let mut written = Vec::new();
+    for (rel, text) in files {
+        let path = dest.join(&rel);
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(path.parent().expect("joined path has a parent"))?;
+            std::fs::write(&path, text)
+        };
+        write().map_err(|source| ScaffoldError::Write { path: path.clone(), source })?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked_and_projects_carry_the_wit_world() {
+        let dir = std::env::temp_dir().join(format!("gateway-scaffold-{}", std::process::id()));
+        assert!(matches!(create("Bad_Name", Lang::Rust, &dir), Err(ScaffoldError::BadName(_))));
+        let files = create("my-strategy", Lang::Rust, &dir).unwrap();
+        let has = |p: &str| files.iter().any(|f| f.ends_with(p));
+        assert!(has("wit/selector.wit") && has("sdk/src/lib.rs") && has("src/lib.rs"));
+        let cargo = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+        assert!(cargo.contains("name = \"my-strategy\""));
+        assert!(matches!(create("my-strategy", Lang::Rust, &dir), Err(ScaffoldError::Exists(_))));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
