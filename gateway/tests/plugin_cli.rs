@@ -1,0 +1,82 @@
+//! `gateway plugin check | list | export`: what a plugin author sees.
+
+mod util;
+
+use std::time::Duration;
+use util::{CliOutput, TempDir, run_cli, test_plugin};
+
+const WORLD: &str = "gateway:selector/selector@0.1.0";
+
+fn cli(args: &[&str]) -> CliOutput {
+    run_cli(args, Duration::from_secs(30))
+}
+
+/// `gateway plugin export round-robin` into `dir`; returns the file.
+fn export_round_robin(dir: &TempDir, name: &str) -> String {
+    let file = dir.path().join(name);
+    let file = file.to_str().unwrap().to_owned();
+    let out = cli(&["plugin", "export", "round-robin", "-o", &file]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(std::fs::metadata(&file).map(|m| m.len() > 8).unwrap_or(false), "nothing written to {file}");
+    file
+}
+
+#[test]
+fn check_accepts_the_exported_builtin() {
+    let dir = TempDir::new();
+    let file = export_round_robin(&dir, "rr.wasm");
+    let out = cli(&["plugin", "check", &file]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.starts_with("ok:"), "{out:?}");
+    assert!(out.stdout.contains(WORLD), "{out:?}");
+}
+
+#[test]
+fn check_refuses_a_file_that_is_not_wasm() {
+    let dir = TempDir::new();
+    let file = dir.write("notes.wasm", "these are not the bytes you are looking for\n");
+    let out = cli(&["plugin", "check", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("not a WebAssembly file"), "{out:?}");
+    assert!(out.stderr.contains(file.to_str().unwrap()), "the message does not name the file: {out:?}");
+}
+
+#[test]
+fn check_names_the_expected_world_and_what_the_component_exports() {
+    let file = test_plugin("wrong-world");
+    let out = cli(&["plugin", "check", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains(WORLD), "expected world not named: {out:?}");
+    assert!(out.stderr.contains("other:thing/greeter@1.0.0"), "the component's export not named: {out:?}");
+}
+
+#[test]
+fn list_shows_builtins_and_folder_overrides() {
+    let dir = TempDir::new();
+    let out = cli(&["plugin", "list", "--plugins", dir.path().to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let row = out.stdout.lines().find(|l| l.starts_with("round-robin ")).unwrap_or_else(|| panic!("{out:?}"));
+    assert!(row.contains("built-in"), "{row}");
+    assert!(!row.contains("overrides"), "{row}");
+
+    let file = export_round_robin(&dir, "round-robin.wasm");
+    let trap = dir.copy(&test_plugin("trap"), "trap.wasm");
+    let out = cli(&["plugin", "list", "--plugins", dir.path().to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let row = out.stdout.lines().find(|l| l.starts_with("round-robin ")).unwrap_or_else(|| panic!("{out:?}"));
+    assert!(row.contains(&file) && row.contains("(overrides built-in)"), "{row}");
+    let row =
+        out.stdout.lines().find(|l| l.starts_with("trap ")).unwrap_or_else(|| panic!("trap.wasm not listed: {out:?}"));
+    assert!(row.contains(trap.to_str().unwrap()), "{row}");
+}
+
+#[test]
+fn export_of_an_unknown_name_lists_the_builtins() {
+    let dir = TempDir::new();
+    let target = dir.path().join("x.wasm");
+    let out = cli(&["plugin", "export", "nope", "-o", target.to_str().unwrap()]);
+    assert_ne!(out.code, Some(0), "{out:?}");
+    assert!(out.stderr.contains("no built-in plugin `nope`"), "{out:?}");
+    assert!(out.stderr.contains("round-robin"), "the built-ins are not listed: {out:?}");
+    assert!(!target.exists(), "a file was written");
+}
