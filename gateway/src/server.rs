@@ -150,9 +150,9 @@ fn worker(gw: Arc<Gateway>, listeners: Vec<std::net::TcpListener>, stop: Cancell
             }
         });
         let connect_timeout = gw.upstreams.iter().map(|u| u.timeouts.connect).min().unwrap_or(Duration::from_secs(2));
-        let client = proxy::client(connect_timeout);
-        // One Arc per request instead of cloning the gateway and the client separately.
-        let worker = Arc::new((gw.clone(), client));
+        let conns = proxy::Conns::new(connect_timeout);
+        // One Arc per request instead of cloning the gateway and the pool separately.
+        let worker = Arc::new((gw.clone(), conns));
         let graceful = GracefulShutdown::new();
         let builder = auto::Builder::new(TokioExecutor::new());
         let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -82,7 +82,15 @@ async fn check_loop(up: Arc<Upstream>, id: String, addr: std::net::SocketAddr, s
                 ok_streak += 1;
                 fail_streak = 0;
                 if !was_up && ok_streak >= hc.rise {
-                    up.pool.update_status(&id, |s| s.up = true);
+                    // Back up: a passive ejection from while it was down ends too (Envoy's
+                    // successful_active_health_check_uneject_host).
+                    up.pool.update_status(&id, |s| {
+                        s.up = true;
+                        s.ejected_until = None;
+                    });
+                    if let Some(m) = up.pool.load().members.iter().find(|m| m.entry.id == id) {
+                        m.entry.stats.reset_failures();
+                    }
                     tracing::info!(upstream = %up.name, backend = %addr, checks = ok_streak, "backend is up: health check passed {ok_streak} times in a row");
                 }
             }
@@ -119,11 +127,14 @@ async fn passive(upstreams: HashMap<String, Arc<Upstream>>, mut receiver: Receiv
         };
         let p = &up.passive;
         let snap = up.pool.snapshot();
+        let Some(addr) = snap.members.iter().find(|m| m.entry.id == ev.backend).map(|m| m.entry.addr) else {
+            continue;
+        };
         // Never eject so many that less than half of the backends are left: passive
         // signals are noisy; active checks take truly dead backends out.
         let ejected = snap.members.iter().filter(|m| m.status.ejected_until.is_some()).count();
         if (ejected + 1) * 2 > snap.members.len() {
-            tracing::warn!(upstream = %up.name, backend = %ev.backend, "not ejecting after repeated failures ({}): that would leave fewer than half of the backends", ev.reason);
+            tracing::warn!(upstream = %up.name, backend = %addr, id = %ev.backend, "not ejecting after repeated failures ({}): that would leave fewer than half of the backends", ev.reason);
             continue;
         }
         let h = history.entry((ev.upstream.clone(), ev.backend.clone())).or_default();
@@ -138,7 +149,7 @@ async fn passive(upstreams: HashMap<String, Arc<Upstream>>, mut receiver: Receiv
             continue;
         }
         tracing::warn!(
-            upstream = %up.name, backend = %ev.backend, ejection = h.count, seconds = duration.as_secs_f64(),
+            upstream = %up.name, backend = %addr, id = %ev.backend, ejection = h.count, seconds = duration.as_secs_f64(),
             "backend ejected after {} consecutive failures (last: {})", p.consecutive_failures, ev.reason
         );
         let (up, id, stop) = (up.clone(), ev.backend, stop.clone());
@@ -150,7 +161,7 @@ async fn passive(upstreams: HashMap<String, Arc<Upstream>>, mut receiver: Receiv
                     if let Some(m) = up.pool.load().members.iter().find(|m| m.entry.id == id) {
                         m.entry.stats.reset_failures();
                     }
-                    tracing::info!(upstream = %up.name, backend = %id, "ejection over, backend takes traffic again");
+                    tracing::info!(upstream = %up.name, backend = %addr, id = %id, "ejection over, backend takes traffic again");
                 }
             }
         });

@@ -32,13 +32,18 @@ pub struct BackendEntry {
     pub labels: Vec<(String, String)>,
     /// Live counters.
     pub stats: BackendStats,
+    /// Small unique number: the index of this backend in per-worker tables (idle
+    /// connections), so the hot path needs no hashing.
+    pub key: usize,
 }
 
 impl BackendEntry {
     /// A new entry with zeroed stats.
     pub fn new(id: String, addr: SocketAddr, weight: u32, zone: String, labels: Vec<(String, String)>) -> Self {
         let authority = addr.to_string().parse().expect("a socket address is a valid authority");
-        BackendEntry { id, addr, authority, weight: weight.max(1), zone, labels, stats: BackendStats::default() }
+        static NEXT_KEY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let key = NEXT_KEY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        BackendEntry { id, addr, authority, weight: weight.max(1), zone, labels, stats: BackendStats::default(), key }
     }
 }
 

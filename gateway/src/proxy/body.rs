@@ -1,5 +1,6 @@
 //! Body types of the proxy: streamed both ways, never buffered whole.
 
+use super::conns::Pooled;
 use crate::pool::ActiveGuard;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -103,8 +104,15 @@ impl Body for AttemptBody {
 #[derive(Debug)]
 pub enum ResponseBody {
     /// A backend's body, streamed; the guard keeps the backend's in-flight count up
-    /// until the body ends.
-    Upstream(Incoming, Option<ActiveGuard>),
+    /// until the body ends, and the connection goes back to the pool then.
+    Upstream {
+        /// The backend's body.
+        body: Incoming,
+        /// In-flight count of the backend.
+        guard: Option<ActiveGuard>,
+        /// The connection it arrives on.
+        conn: Option<Pooled>,
+    },
     /// A body the gateway wrote itself.
     Full(Option<Bytes>),
 }
@@ -127,10 +135,20 @@ impl Body for ResponseBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match &mut *self {
-            ResponseBody::Upstream(body, guard) => {
+            ResponseBody::Upstream { body, guard, conn } => {
                 let polled = Pin::new(body).poll_frame(cx);
-                if let Poll::Ready(None | Some(Err(_))) = polled {
-                    guard.take();
+                match &polled {
+                    Poll::Ready(None) => {
+                        guard.take();
+                        if let Some(c) = conn.take() {
+                            c.release();
+                        }
+                    }
+                    Poll::Ready(Some(Err(_))) => {
+                        guard.take();
+                        conn.take();
+                    }
+                    _ => {}
                 }
                 polled
             }
@@ -140,15 +158,27 @@ impl Body for ResponseBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ResponseBody::Upstream(body, _) => body.is_end_stream(),
+            ResponseBody::Upstream { body, .. } => body.is_end_stream(),
             ResponseBody::Full(data) => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ResponseBody::Upstream(body, _) => body.size_hint(),
+            ResponseBody::Upstream { body, .. } => body.size_hint(),
             ResponseBody::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // Bodies the server never polls (HEAD, 204, 304) still free their connection.
+        if let ResponseBody::Upstream { body, conn, .. } = self
+            && body.is_end_stream()
+            && let Some(c) = conn.take()
+        {
+            c.release();
         }
     }
 }

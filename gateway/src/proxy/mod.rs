@@ -4,9 +4,11 @@
 //! Reads the pool; never writes it (failures go to `health` through a channel).
 
 mod body;
+mod conns;
 mod headers;
 
 pub use body::{RequestBody, ResponseBody};
+pub use conns::Conns;
 
 use crate::health::Reporter;
 use crate::pool::BackendStats;
@@ -18,27 +20,9 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, Uri, header};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// HTTP client towards backends: pooled keep-alive connections, one per worker thread.
-pub type UpstreamClient = Client<HttpConnector, body::AttemptBody>;
-
-/// Builds a worker's client. `connect_timeout` is the shortest configured one.
-pub fn client(connect_timeout: Duration) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .set_host(false)
-        .build(connector)
-}
 
 /// The client end of one connection, shared by its requests.
 #[derive(Debug)]
@@ -80,7 +64,7 @@ impl Proxy {
     /// Handles one client request end to end. Never fails: errors become responses.
     pub async fn handle(
         &self,
-        client: &UpstreamClient,
+        conns: &Arc<Conns>,
         req: Request<Incoming>,
         conn: &ClientConn,
     ) -> Response<ResponseBody> {
@@ -105,14 +89,14 @@ impl Proxy {
         let upstream = &route.upstream;
         let mut outcome =
             Outcome { route: &route.name, upstream: &upstream.name, backend: None, attempts: 0, fallback: false };
-        let resp = self.forward(client, req, conn, upstream, &mut outcome).await;
+        let resp = self.forward(conns, req, conn, upstream, &mut outcome).await;
         self.log(&method, &path, peer, &resp, started, &outcome);
         resp
     }
 
     async fn forward(
         &self,
-        client: &UpstreamClient,
+        conns: &Arc<Conns>,
         req: Request<Incoming>,
         conn: &ClientConn,
         upstream: &Upstream,
@@ -136,7 +120,8 @@ impl Proxy {
         let body =
             if incoming.is_end_stream() { RequestBody::Empty } else { RequestBody::Stream(Replayable::new(incoming)) };
         let idempotent = is_idempotent(&parts.method);
-        let path_and_query = parts.uri.path_and_query().cloned();
+        // Backends get origin-form targets: `/path?query`.
+        let target: Uri = parts.uri.path_and_query().map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
 
         let mut tried: Vec<u32> = Vec::new();
         let mut last_error: Option<Response<ResponseBody>> = None;
@@ -158,29 +143,36 @@ impl Proxy {
             outcome.backend = Some(entry.addr);
             tried.push(index as u32);
 
-            let mut uri = Uri::builder().scheme("http").authority(entry.authority.clone());
-            if let Some(pq) = &path_and_query {
-                uri = uri.path_and_query(pq.clone());
-            }
             let mut attempt = Request::new(body.attempt());
             *attempt.method_mut() = parts.method.clone();
-            *attempt.uri_mut() = uri.build().expect("authority and path come from valid URIs");
+            *attempt.uri_mut() = target.clone();
             *attempt.headers_mut() = parts.headers.clone();
+            if !attempt.headers().contains_key(header::HOST) {
+                // An HTTP/1.0 client sent none; HTTP/1.1 backends require one.
+                attempt.headers_mut().insert(
+                    header::HOST,
+                    header::HeaderValue::from_str(entry.authority.as_str()).expect("valid authority"),
+                );
+            }
 
             let guard = BackendStats::start(entry);
             let sent = Instant::now();
-            let result = tokio::time::timeout(upstream.timeouts.response_header, client.request(attempt)).await;
+            let timeouts = &upstream.timeouts;
+            let result =
+                tokio::time::timeout(timeouts.response_header, conns.send(entry, attempt, timeouts.connect)).await;
             let failure = match result {
-                Ok(Ok(resp)) if resp.status().is_server_error() => {
+                Ok(Ok((resp, conn))) if resp.status().is_server_error() => {
                     let retry = idempotent && upstream.retries.on_5xx && body.replayable();
                     self.failed(upstream, entry, &format!("answered {}", resp.status()));
                     if retry {
-                        last_error = Some(finish(resp, guard, extra_headers));
+                        last_error = Some(finish(resp, guard, conn, extra_headers));
                         continue;
                     }
-                    return finish(resp, guard, extra_headers);
+                    return finish(resp, guard, conn, extra_headers);
                 }
-                Ok(Ok(mut resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_some() => {
+                Ok(Ok((mut resp, _conn)))
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_some() =>
+                {
                     entry.stats.success(sent.elapsed());
                     let backend_upgrade = hyper::upgrade::on(&mut resp);
                     let protocol = headers::upgrade_protocol(resp.headers());
@@ -192,12 +184,12 @@ impl Proxy {
                     }
                     return Response::from_parts(parts, ResponseBody::empty());
                 }
-                Ok(Ok(resp)) => {
+                Ok(Ok((resp, conn))) => {
                     entry.stats.success(sent.elapsed());
-                    return finish(resp, guard, extra_headers);
+                    return finish(resp, guard, conn, extra_headers);
                 }
-                Ok(Err(e)) if e.is_connect() => Failure::Connect(error_chain(&e)),
-                Ok(Err(e)) => Failure::Other(error_chain(&e)),
+                Ok(Err(conns::SendError::Connect(e))) => Failure::Connect(e),
+                Ok(Err(conns::SendError::Other(e))) => Failure::Other(e),
                 Err(_) => Failure::Timeout(upstream.timeouts.response_header),
             };
             drop(guard);
@@ -306,6 +298,7 @@ impl std::fmt::Display for Failure {
 fn finish(
     resp: Response<Incoming>,
     guard: crate::pool::ActiveGuard,
+    conn: conns::Pooled,
     extra: Vec<(String, String)>,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
@@ -315,7 +308,7 @@ fn finish(
             parts.headers.append(n, v);
         }
     }
-    Response::from_parts(parts, ResponseBody::Upstream(body, Some(guard)))
+    Response::from_parts(parts, ResponseBody::Upstream { body, guard: Some(guard), conn: Some(conn) })
 }
 
 /// A plain-text response written by the gateway.
