@@ -17,7 +17,8 @@
 //! the pool changes. Each zone has its own round-robin counter in the host, shared by
 //! all worker threads.
 //!
-//! Params (at least one of `cidrs`, `header`, `default_zone`):
+//! Params (without any of `cidrs`, `header`, `default_zone` no client has a zone, so the
+//! strategy is a plain round robin; a warning is logged):
 //! - `cidrs` (object, CIDR → zone, default none), e.g. `{"10.1.0.0/16": "eu-west"}`; a
 //!   plain address counts as a /32 (or /128).
 //! - `header` (string, default none): the request header naming the client's zone.
@@ -290,9 +291,10 @@ impl Strategy for ZoneAware {
         }
         s.default_zone = default_zone.map(|z| s.zone_number(&z));
         if s.cidrs.is_empty() && s.header.is_none() && s.default_zone.is_none() {
-            return Err(
-                "zone-aware needs at least one of the params 'cidrs', 'header' or 'default_zone' to place clients in a zone"
-                    .into(),
+            host::log(
+                host::level::WARN,
+                "zone-aware: none of the params 'cidrs', 'header' or 'default_zone' is set, so no client has a zone \
+                 and every request goes round robin over all healthy backends",
             );
         }
         *self = s;
@@ -487,10 +489,6 @@ mod tests {
         let mut s = ZoneAware::default();
         let cases = [
             (
-                "{}",
-                "zone-aware needs at least one of the params 'cidrs', 'header' or 'default_zone' to place clients in a zone",
-            ),
-            (
                 r#"{"cidrs": {"10.0.0.1/8": "a"}}"#,
                 "param 'cidrs': \"10.0.0.1/8\" has host bits set; did you mean \"10.0.0.0/8\"?",
             ),
@@ -526,6 +524,14 @@ mod tests {
             assert_eq!(s.configure(params).unwrap_err(), expected, "{params}");
         }
         s.configure(r#"{"default_zone": "eu-west"}"#).unwrap();
+    }
+
+    #[test]
+    fn without_placement_params_it_is_a_round_robin() {
+        host::reset();
+        let mut s = strategy("{}", regions());
+        let req = TestRequest::new().header("x-region", "eu-west").client_ip("10.1.2.3");
+        assert_eq!(picks(&mut s, &req, 6), [0, 1, 2, 3, 4, 0]);
     }
 
     proptest! {
