@@ -46,11 +46,8 @@ async fn run(host: Arc<PluginHost>, stop: CancellationToken) -> notify::Result<(
         use notify::event::{AccessKind, AccessMode};
         let Ok(event) = event else { return };
         // Content changes only: our own reads of a file must not trigger a reload.
-        let relevant = match event.kind {
-            Create(_) | Modify(_) | Remove(_) => true,
-            Access(AccessKind::Close(AccessMode::Write)) => true,
-            _ => false,
-        };
+        let relevant =
+            matches!(event.kind, Create(_) | Modify(_) | Remove(_) | Access(AccessKind::Close(AccessMode::Write)));
         if relevant {
             for path in event.paths {
                 let _ = tx.send(path);

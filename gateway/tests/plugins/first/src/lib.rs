@@ -3,7 +3,7 @@
 use gateway_sdk::{Backend, Decision, Pool, Request, Strategy};
 
 #[derive(Default)]
-struct First {
+pub struct First {
     pool: Pool,
 }
 

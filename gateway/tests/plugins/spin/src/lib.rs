@@ -2,7 +2,7 @@
 use gateway_sdk::{Backend, Decision, Request, Strategy, host};
 
 #[derive(Default)]
-struct Spin;
+pub struct Spin;
 
 impl Strategy for Spin {
     fn pool_changed(&mut self, _generation: u64, _backends: Vec<Backend>) {}

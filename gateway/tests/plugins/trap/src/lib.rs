@@ -2,7 +2,7 @@
 use gateway_sdk::{Backend, Decision, Request, Strategy};
 
 #[derive(Default)]
-struct Trap;
+pub struct Trap;
 
 impl Strategy for Trap {
     fn pool_changed(&mut self, _generation: u64, _backends: Vec<Backend>) {}

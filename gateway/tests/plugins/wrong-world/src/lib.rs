@@ -2,7 +2,7 @@
 #![allow(unsafe_code)]
 wit_bindgen::generate!({ path: "wit", world: "greeting" });
 
-struct Greeter;
+pub struct Greeter;
 
 impl exports::other::thing::greeter::Guest for Greeter {
     fn greet(name: String) -> String {
