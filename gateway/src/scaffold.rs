@@ -47,10 +47,12 @@ fn templates(lang: Lang) -> Vec<(&'static str, &'static str)> {
         ],
         Lang::Python => vec![
             ("app.py", include_str!("../templates/python/app.py.tmpl")),
+            ("requirements.txt", include_str!("../templates/python/requirements.txt.tmpl")),
             ("README.md", include_str!("../templates/python/README.md.tmpl")),
         ],
         Lang::Js => vec![
             ("plugin.js", include_str!("../templates/js/plugin.js.tmpl")),
+            ("package.json", include_str!("../templates/js/package.json.tmpl")),
             ("README.md", include_str!("../templates/js/README.md.tmpl")),
         ],
     }
@@ -107,5 +109,25 @@ mod tests {
         assert!(cargo.contains("name = \"my-strategy\""));
         assert!(matches!(create("my-strategy", Lang::Rust, &dir), Err(ScaffoldError::Exists(_))));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn python_and_js_projects_have_their_build_files_and_no_sdk() {
+        for (lang, source, build_file) in
+            [(Lang::Python, "app.py", "requirements.txt"), (Lang::Js, "plugin.js", "package.json")]
+        {
+            let dir = std::env::temp_dir().join(format!("gateway-scaffold-{lang:?}-{}", std::process::id()));
+            let files = create("my-strategy", lang, &dir).unwrap();
+            let has = |p: &str| files.iter().any(|f| f.ends_with(p));
+            assert!(has("wit/selector.wit") && has(source) && has(build_file) && has("README.md"), "{files:?}");
+            assert!(!files.iter().any(|f| f.starts_with(dir.join("sdk"))), "{lang:?} needs no SDK: {files:?}");
+            for file in &files {
+                let text = std::fs::read_to_string(file).unwrap();
+                assert!(!text.contains("{{"), "{} keeps a placeholder", file.display());
+            }
+            let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
+            assert!(readme.contains("my-strategy.wasm"), "{readme}");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
     }
 }

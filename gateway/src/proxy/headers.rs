@@ -22,22 +22,25 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    if let Some(conn) = headers.get(header::CONNECTION).and_then(|v| v.to_str().ok()).map(str::to_owned) {
-        for name in conn.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            headers.remove(name);
-        }
+    // Extra names listed in `Connection` (rare; `keep-alive`, `close` and `upgrade` are
+    // covered by the fixed list below).
+    let listed: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty() && !matches!(t.as_str(), "keep-alive" | "close" | "upgrade"))
+        .collect();
+    for name in listed {
+        headers.remove(name);
     }
-    for name in [
-        header::CONNECTION,
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
+    // Remove only the hop-by-hop names present (usually just `connection`).
+    let mut present: [Option<HeaderName>; 9] = Default::default();
+    for (slot, name) in present.iter_mut().zip(headers.keys().filter(|k| is_hop_by_hop(k))) {
+        *slot = Some(name.clone());
+    }
+    for name in present.into_iter().flatten() {
         headers.remove(name);
     }
 }
