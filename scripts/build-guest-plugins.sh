@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Builds the example guest plugins (examples/plugins/{python,js,rust}-*) into
-# target/guest-plugins/<name>.wasm, with pinned tools installed once into a cache.
+# Builds the guest-language plugins (examples/plugins/{python,js,rust}-* and the test
+# plugins gateway/tests/guest-plugins/{python,js}-*) into target/guest-plugins/<name>.wasm,
+# with pinned tools installed once into a cache. scripts/test.sh runs it before the tests
+# (gateway/tests/languages.rs and gateway/benches/languages.rs use its output).
 #
-#   scripts/build-guest-plugins.sh                # every example
+#   scripts/build-guest-plugins.sh                # every plugin
 #   scripts/build-guest-plugins.sh js-least-latency python-path-router
 #   scripts/build-guest-plugins.sh --tools-only   # only install/check the tools
+#
+# It also writes target/guest-plugins/tools.env: where the tools are (COMPONENTIZE_PY,
+# NODE_MODULES), for tests that build `gateway plugin new` projects.
 #
 # Environment:
 #   GUEST_TOOLS_DIR  tool cache (default ${XDG_CACHE_HOME:-$HOME/.cache}/gateway-guest-tools)
@@ -17,9 +22,10 @@
 #
 # Pinned versions: componentize-py in scripts/guest-tools/python/requirements.txt; the
 # npm tools in scripts/guest-tools/{quickjs,starlingmonkey}/package-lock.json;
-# Rust crates in each crate's Cargo.lock. Nothing is downloaded but from PyPI, npm and
-# crates.io. Re-running is cheap: tools already installed at the pinned version are
-# kept, and a Python/JS component whose inputs did not change is not rebuilt.
+# Rust crates in each crate's Cargo.lock (built for wasm32-wasip2, which writes a
+# component directly). Nothing is downloaded but from PyPI, npm and crates.io.
+# Re-running is cheap: tools already installed at the pinned version are kept, and a
+# Python/JS component whose inputs did not change is not rebuilt.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,8 +35,13 @@ OUT="${GUEST_OUT_DIR:-$ROOT/target/guest-plugins}"
 JS_ENGINE="${JS_ENGINE:-starlingmonkey}"
 WIT="$ROOT/wit"
 WORLD="selector"
-RUST_TARGET="wasm32-unknown-unknown"
+# A component straight from rustc/wasm-component-ld. It imports WASI interfaces the
+# plugin never calls; the gateway links them as traps.
+RUST_TARGET="wasm32-wasip2"
 RUST_TARGET_DIR="$ROOT/target/guest-build"
+
+# Where plugins are found, by folder name.
+SOURCES=("$ROOT/examples/plugins" "$ROOT/gateway/tests/guest-plugins")
 
 COMPONENTIZE_PY_VERSION="$(sed -n 's/^componentize-py==//p' "$TOOLS_SRC/python/requirements.txt")"
 
@@ -111,44 +122,33 @@ tools_npm() {
     say "js tools ($set): done ($(elapsed "$t"))"
 }
 
-COMPONENTIZE_RUST="$CACHE/componentize-rust/componentize-rust"
-
-# The helper that turns a wit-bindgen core module into a component (wit-component's
-# ComponentEncoder, as gateway/build.rs uses) and lists a component's imports, built once
-# into the cache. Every build uses it to check that the component imports no WASI.
-tools_rust() {
-    local src="$ROOT/scripts/componentize-rust" src_hash t
-    src_hash="$( (cat "$src/Cargo.toml" "$src/Cargo.lock" "$src/src/main.rs"; rustc --version 2>/dev/null) | sha)"
-    if [ -x "$COMPONENTIZE_RUST" ] && [ "$(cat "$COMPONENTIZE_RUST.sha256" 2>/dev/null)" = "$src_hash" ]; then
-        say "rust tools: componentize-rust already in $(dirname "$COMPONENTIZE_RUST")"
-    else
-        need cargo "Rust plugins are built with cargo." "install Rust with rustup (rust-version 1.95)"
-        t=$(now)
-        say "rust tools: building componentize-rust (wit-component + wasmparser, once; about 2 min on 2 cores)"
-        env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS -u CARGO_BUILD_TARGET \
-            cargo build --quiet --locked --release --manifest-path "$src/Cargo.toml" \
-            --target-dir "$CACHE/componentize-rust/target" ||
-            die "building scripts/componentize-rust failed (see above)" \
-                "it needs crates.io to be reachable the first time"
-        cp "$CACHE/componentize-rust/target/release/componentize-rust" "$COMPONENTIZE_RUST"
-        echo "$src_hash" >"$COMPONENTIZE_RUST.sha256"
-        say "rust tools: done ($(elapsed "$t"))"
-    fi
-}
-
 need_rust_target() {
     rustup target list --installed 2>/dev/null | grep -qx "$RUST_TARGET" ||
         die "the Rust target $RUST_TARGET is not installed" "rustup target add $RUST_TARGET"
 }
 
-# Fails unless the component imports only the gateway's interfaces (no WASI).
+# Lists a component's imports; a Python/JS plugin must import only the gateway's
+# interfaces (no WASI). A Rust plugin built for wasm32-wasip2 imports WASI interfaces it
+# never calls, which the gateway links as traps: listed, not refused.
 check_imports() {
-    local file="$1" imports bad
-    imports="$("$COMPONENTIZE_RUST" --imports "$file")" || die "could not read the imports of $file"
+    local file="$1" kind="$2" imports bad
+    imports="$(python3 "$TOOLS_SRC/component-imports.py" "$file")" || die "could not read the imports of $file"
     bad="$(grep -v '^gateway:selector/' <<<"$imports" || true)"
+    if [ "$kind" = rust ]; then
+        say "${file##*/}: imports $(grep '^gateway:' <<<"$imports" | paste -sd' ') and $(grep -c . <<<"$bad" || true) WASI interfaces (linked as traps)"
+        return
+    fi
     [ -z "$bad" ] || die "$file imports more than the gateway provides: $(tr '\n' ' ' <<<"$bad")" \
         "Python: build with --stub-wasi; JS: disable every WASI feature (-d ...) or use --stub-wasi"
     say "${file##*/}: imports $(paste -sd' ' <<<"$imports") (no WASI)"
+}
+
+# The folder of plugin NAME, or nothing.
+source_dir() {
+    local src
+    for src in "${SOURCES[@]}"; do
+        [ -d "$src/$1" ] && { echo "$src/$1"; return; }
+    done
 }
 
 case "$JS_ENGINE" in
@@ -204,16 +204,27 @@ build_js() {
 }
 
 build_rust() {
-    local name="$1" dir="$2" crate core
+    local name="$1" dir="$2" crate
     crate="$(sed -n 's/^name *= *"\(.*\)"/\1/p' "$dir/Cargo.toml" | head -n1)"
     [ -n "$crate" ] || die "$dir/Cargo.toml has no package name"
     # cargo keeps its own incremental state, so this is quick when nothing changed.
-    env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS -u CARGO_BUILD_TARGET \
+    env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS -u CARGO_BUILD_TARGET -u CARGO_TARGET_DIR \
         cargo build --quiet --release --manifest-path "$dir/Cargo.toml" --target "$RUST_TARGET" \
         --target-dir "$RUST_TARGET_DIR" || die "cargo build failed for $dir (see above)"
-    core="$RUST_TARGET_DIR/$RUST_TARGET/release/${crate//-/_}.wasm"
-    "$COMPONENTIZE_RUST" "$core" "$OUT/$name.wasm.tmp" >/dev/null || die "wrapping $core as a component failed"
+    cp "$RUST_TARGET_DIR/$RUST_TARGET/release/${crate//-/_}.wasm" "$OUT/$name.wasm.tmp"
     mv "$OUT/$name.wasm.tmp" "$OUT/$name.wasm"
+}
+
+# Where the tools are, for tests that build `gateway plugin new` projects.
+write_tools_env() {
+    local js_modules="$CACHE/npm-starlingmonkey/node_modules"
+    {
+        echo "# Written by scripts/build-guest-plugins.sh: the guest tools it installed."
+        [ -x "$COMPONENTIZE_PY" ] && echo "COMPONENTIZE_PY=$COMPONENTIZE_PY"
+        [ -x "$js_modules/.bin/componentize-js" ] && echo "NODE_MODULES=$js_modules"
+        true
+    } >"$OUT/tools.env.tmp"
+    mv "$OUT/tools.env.tmp" "$OUT/tools.env"
 }
 
 # ---------------------------------------------------------------------------------------
@@ -229,16 +240,21 @@ for arg in "$@"; do
     esac
 done
 
-if [ ${#names[@]} -eq 0 ]; then
-    for d in "$ROOT"/examples/plugins/python-* "$ROOT"/examples/plugins/js-* "$ROOT"/examples/plugins/rust-*; do
-        [ -d "$d" ] && names+=("$(basename "$d")")
+all_names() {
+    local src d
+    for src in "${SOURCES[@]}"; do
+        for d in "$src"/python-* "$src"/js-* "$src"/rust-*; do
+            [ -d "$d" ] && basename "$d"
+        done
     done
-    [ ${#names[@]} -gt 0 ] || die "no examples/plugins/{python,js,rust}-* folders found under $ROOT"
+}
+if [ ${#names[@]} -eq 0 ]; then
+    mapfile -t names < <(all_names)
+    [ ${#names[@]} -gt 0 ] || die "no {python,js,rust}-* plugin folders found in ${SOURCES[*]}"
 fi
 for n in "${names[@]}"; do
     n="${n##*/}"
-    [ -d "$ROOT/examples/plugins/$n" ] || die "no example named '$n'" \
-        "choose from: $(cd "$ROOT/examples/plugins" && ls -d python-* js-* rust-* 2>/dev/null | tr '\n' ' ')"
+    [ -n "$(source_dir "$n")" ] || die "no plugin named '$n'" "choose from: $(all_names | tr '\n' ' ')"
 done
 
 start=$(now)
@@ -256,22 +272,23 @@ done
 [ $tools_only = 1 ] && want_py=1 want_js=1 want_rust=1
 [ $want_py = 1 ] && tools_python
 [ $want_js = 1 ] && tools_npm "$JS_SET" "$JS_BIN"
-tools_rust
 [ $want_rust = 1 ] && need_rust_target
+need python3 "the import check (scripts/guest-tools/component-imports.py) runs on Python 3." "apt-get install python3"
 if [ $want_js = 1 ] && [ "$JS_ENGINE" = quickjs ]; then
     say "WARNING: componentize-qjs 0.4.5 (--sync) does not drop the borrowed \`request\` before \`pick\`"
     say "         returns, so wasmtime traps every pick (\"borrow handles still remain at the end of"
     say "         the call\") and the gateway falls back to round robin. Use JS_ENGINE=starlingmonkey."
 fi
+mkdir -p "$OUT"
+write_tools_env
 if [ $tools_only = 1 ]; then
     say "tools ready ($(elapsed "$start"))"
     exit 0
 fi
 
-mkdir -p "$OUT"
 for n in "${names[@]}"; do
     n="${n##*/}"
-    dir="$ROOT/examples/plugins/$n"
+    dir="$(source_dir "$n")"
     t=$(now)
     say "$n: building"
     case "$n" in
@@ -279,7 +296,7 @@ for n in "${names[@]}"; do
         js-*) build_js "$n" "$dir" ;;
         rust-*) build_rust "$n" "$dir" ;;
     esac
-    check_imports "$OUT/$n.wasm"
+    check_imports "$OUT/$n.wasm" "${n%%-*}"
     say "$n: $OUT/$n.wasm, $(wc -c <"$OUT/$n.wasm") bytes ($(elapsed "$t"))"
 done
 say "all done ($(elapsed "$start"))"

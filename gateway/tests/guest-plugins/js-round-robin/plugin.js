@@ -1,0 +1,42 @@
+// js-round-robin: exact round robin, marking its answers with `x-round-robin: js`.
+//
+// A test plugin (see ../README.md). Built by scripts/build-guest-plugins.sh with
+// componentize-js (StarlingMonkey: s64 is BigInt).
+
+import * as host from "gateway:selector/host@0.1.0";
+
+const HEADERS = [["x-round-robin", "js"]];
+let healthy = [];
+
+function configure(text) {
+  let value;
+  try {
+    value = JSON.parse(text);
+  } catch (e) {
+    throw `js-round-robin: params are not valid JSON: ${e && e.message ? e.message : e}`;
+  }
+  if (value === null || typeof value !== "object" || Array.isArray(value)) {
+    throw "js-round-robin: params must be a JSON object";
+  }
+}
+
+function poolChanged(_generation, backends) {
+  healthy = [];
+  for (let i = 0; i < backends.length; i++) {
+    if (backends[i].healthy) healthy.push(i);
+  }
+}
+
+function pick(_req, exclude) {
+  const n = healthy.length;
+  if (n > 0) {
+    const start = (Number(host.counterAdd("turn", 1n)) - 1) % n;
+    for (let k = 0; k < n; k++) {
+      const index = healthy[(start + k) % n];
+      if (!exclude.includes(index)) return { target: { tag: "backend", val: index }, responseHeaders: HEADERS };
+    }
+  }
+  return { target: { tag: "reject", val: [503, "no healthy backend available"] }, responseHeaders: HEADERS };
+}
+
+export const policy = { configure, poolChanged, pick };
