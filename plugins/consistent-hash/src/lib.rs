@@ -10,6 +10,8 @@
 //!   above 100 × the healthy backends if that is more) filled from each backend's
 //!   permutation in proportion to its weight. A key goes to slot `hash % size`: one
 //!   index. Spreads keys more evenly than the ring; a change moves slightly more keys.
+//!   Prefer it for pools of thousands of backends, where the ring's point budget leaves
+//!   each backend only a few dozen points (and so a less even share).
 //!
 //! Points and permutations are derived from each backend's `id` with a hash that is the
 //! same in every process (the SDK's FNV-1a 64 + fmix64), so every gateway replica

@@ -8,14 +8,16 @@
 //! The host measures each backend's response latency (`ewma_latency_us`) and in-flight
 //! requests (`active_requests`) across all worker threads. On top of the host's average
 //! this strategy keeps a *peak* estimate per backend: when the measured latency rises,
-//! the estimate jumps to it at once; when it falls, the estimate decays towards it with
-//! time constant `decay_ms`. A backend that slows down is shunned immediately and
-//! trusted again gradually. A backend with no measurement yet counts as
-//! `default_latency_ms`.
+//! the estimate jumps to it at once; when it falls (by more than 5%; smaller moves are
+//! followed at once), the estimate decays towards it with time constant `decay_ms`,
+//! counted from the first reading that showed the fall. A backend that slows down is
+//! shunned immediately and trusted again gradually. A backend with no measurement yet
+//! counts as `default_latency_ms`.
 //!
 //! Comparing two random backends instead of all of them keeps a pick at three host calls
-//! whatever the pool size, and avoids the herd behaviour of always choosing the global
-//! minimum. A retry draws among the backends it has not tried yet.
+//! whatever the pool size (the clock is read only while a peak is decaying), and avoids
+//! the herd behaviour of always choosing the global minimum. A retry draws among the
+//! backends it has not tried yet.
 //!
 //! Params:
 //! - `decay_ms` (positive integer, default 10000): how fast a latency peak is forgotten.
@@ -44,12 +46,16 @@ pub struct P2cEwma {
     peaks: Vec<Peak>,
 }
 
+/// A measurement this much below the peak (relative) starts a decay; closer ones are
+/// taken as they are.
+const FALL: f64 = 0.05;
+
 /// One backend's peak-EWMA latency estimate.
 #[derive(Debug, Clone, Copy, Default)]
 struct Peak {
     latency_us: f64,
-    /// When last updated; `None` before the first reading.
-    at_ms: Option<u64>,
+    /// While decaying: when `latency_us` was last brought up to date. `None` otherwise.
+    decaying_since_ms: Option<u64>,
 }
 
 impl Default for P2cEwma {
@@ -59,25 +65,28 @@ impl Default for P2cEwma {
 }
 
 impl P2cEwma {
-    /// The cost of sending one more request to the backend at `index`.
-    fn cost(&mut self, index: u32, now_ms: u64) -> f64 {
+    /// The cost of sending one more request to the backend at `index`. `now_ms` is read
+    /// from the host on first need and shared by both candidates.
+    fn cost(&mut self, index: u32, now_ms: &mut Option<u64>) -> f64 {
         let stats = host::backend_stats(index);
         let measured = match stats.ewma_latency_us {
             0 => self.default_latency_us,
             us => f64::from(us),
         };
         let peak = &mut self.peaks[index as usize];
-        peak.latency_us = match peak.at_ms {
-            Some(at) if measured < peak.latency_us => {
-                // Falling: decay towards the measurement.
-                let elapsed = now_ms.saturating_sub(at) as f64;
-                let keep = (-elapsed / self.decay_ms).exp();
-                peak.latency_us * keep + measured * (1.0 - keep)
+        if measured >= peak.latency_us * (1.0 - FALL) {
+            // Rising, steady, or a first reading: take it at once.
+            peak.latency_us = measured;
+            peak.decaying_since_ms = None;
+        } else {
+            // Falling: decay towards the measurement.
+            let now = *now_ms.get_or_insert_with(host::now_ms);
+            if let Some(since) = peak.decaying_since_ms {
+                let keep = (-(now.saturating_sub(since) as f64) / self.decay_ms).exp();
+                peak.latency_us = peak.latency_us * keep + measured * (1.0 - keep);
             }
-            // First reading, or rising: take it at once.
-            _ => measured,
-        };
-        peak.at_ms = Some(now_ms);
+            peak.decaying_since_ms = Some(now);
+        }
         peak.latency_us * (f64::from(stats.active_requests) + 1.0)
     }
 
@@ -135,8 +144,8 @@ impl Strategy for P2cEwma {
         let Some(b) = self.untried_from(kb, exclude, Some(a)) else {
             return Decision::backend(a);
         };
-        let now = host::now_ms();
-        let (cost_a, cost_b) = (self.cost(a, now), self.cost(b, now));
+        let mut now = None;
+        let (cost_a, cost_b) = (self.cost(a, &mut now), self.cost(b, &mut now));
         Decision::backend(if cost_b < cost_a { b } else { a })
     }
 }
@@ -272,6 +281,23 @@ mod tests {
             s.configure(r#"{"decay": 1}"#).unwrap_err(),
             "unknown param 'decay' (accepted: decay_ms, default_latency_ms)"
         );
+    }
+
+    #[test]
+    fn small_falls_are_followed_at_once() {
+        host::reset();
+        // Two backends: with one there is nothing to compare and no cost is computed.
+        let mut s = strategy(2, "{}");
+        set(1, 0, 2_000);
+        set(0, 0, 2_000);
+        pick(&mut s, &[]);
+        set(0, 0, 1_950);
+        pick(&mut s, &[]);
+        assert_eq!(s.peaks[0].latency_us, 1_950.0, "2.5% lower: noise, not a fall");
+        set(0, 0, 1_000);
+        pick(&mut s, &[]);
+        assert_eq!(s.peaks[0].latency_us, 1_950.0, "halved: decays from now on");
+        assert!(s.peaks[0].decaying_since_ms.is_some());
     }
 
     #[test]
