@@ -21,6 +21,11 @@
 //! gateway_sdk::export_strategy!(RoundRobin);
 //! ```
 //!
+//! Helpers most strategies need: [`params`] (read the JSON params with errors an operator
+//! can act on), [`hash`] (a hash that is the same on every replica, for consistent
+//! hashing), [`weights`] (gcd reduction, cumulative weights, unbiased random ranges) and
+//! [`Pool`] (healthy backends, exclusion on retries).
+//!
 //! Build it for `wasm32-unknown-unknown` (no WASI) and wrap it as a component; the
 //! gateway's build does this for everything under `plugins/`. On a native target the
 //! same code compiles against an in-process [`host`] so strategies can be unit tested
