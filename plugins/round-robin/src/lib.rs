@@ -1,7 +1,7 @@
 //! `round-robin`: each healthy backend in turn, exact across the gateway's worker
 //! threads because the turn counter lives in the host.
 
-use gateway_sdk::{Backend, Decision, Pool, Request, Strategy, host};
+use gateway_sdk::{Backend, Decision, Pool, Request, Strategy, host, params};
 
 #[derive(Default)]
 pub struct RoundRobin {
@@ -9,6 +9,11 @@ pub struct RoundRobin {
 }
 
 impl Strategy for RoundRobin {
+    /// Takes no params: refusing unknown ones catches typos such as `wieght`.
+    fn configure(&mut self, params: &str) -> Result<(), String> {
+        params::expect_none(params)
+    }
+
     fn pool_changed(&mut self, _generation: u64, backends: Vec<Backend>) {
         self.pool = Pool::new(backends);
     }
@@ -50,5 +55,15 @@ mod tests {
         // Turn 7 would be backend 0; a retry that already tried 0 gets 1.
         assert_eq!(rr.pick(&req, &[0]).backend_index(), Some(1));
         assert_eq!(rr.pick(&req, &[0, 1, 2]).backend_index(), None);
+    }
+
+    #[test]
+    fn params_are_refused() {
+        let mut rr = RoundRobin::default();
+        assert!(rr.configure("{}").is_ok());
+        assert_eq!(
+            rr.configure(r#"{"wieght": 2}"#).unwrap_err(),
+            "unknown param 'wieght': this strategy takes no params"
+        );
     }
 }
