@@ -11,7 +11,37 @@ step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 started=$SECONDS
 
 step "Rust targets for plugins"
-rustup target add wasm32-unknown-unknown >/dev/null
+# wasm32-unknown-unknown: the built-in plugins; wasm32-wasip2: the Rust guest example and
+# `gateway plugin new --lang rust` projects.
+rustup target add wasm32-unknown-unknown wasm32-wasip2 >/dev/null
+
+# The guest-language toolchains run on Python 3 (with venv) and Node.js 18+ with npm.
+step "system packages for the guest-language plugins"
+missing=()
+command -v python3 >/dev/null || missing+=(python3)
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+if ! node -e 'process.exit(+process.versions.node.split(".")[0] >= 18 ? 0 : 1)' 2>/dev/null; then
+  missing+=(nodejs)
+fi
+command -v npm >/dev/null || missing+=(npm)
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  command -v apt-get >/dev/null || {
+    echo "missing: ${missing[*]}; install them (Python 3 with venv, Node.js 18+ and npm) and run again" >&2
+    exit 1
+  }
+  echo "installing ${missing[*]} with apt-get"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+echo "python $(python3 --version | cut -d' ' -f2), node $(node --version), npm $(npm --version)"
+
+# Pinned componentize-py / componentize-js (cached in ~/.cache/gateway-guest-tools), then
+# the Python, JavaScript and Rust guest plugins into target/guest-plugins/, which
+# gateway/tests/languages.rs and gateway/benches/languages.rs use.
+step "guest-language plugins (scripts/build-guest-plugins.sh)"
+scripts/build-guest-plugins.sh
 
 if [ -z "${SKIP_LINT:-}" ]; then
   step "cargo fmt --check"

@@ -11,6 +11,7 @@
 //! Every answer carries `x-backend: NAME`, plus `x-seen-version` and `x-seen-host`
 //! (what the backend received). [`Backend::failing`] answers every request but
 //! `/healthz` with an error status instead, after reading the request body.
+//! [`Backend::slow`] waits a fixed time before answering every request but `/healthz`.
 
 use super::{PatternBody, matches_pattern, rt};
 use bytes::Bytes;
@@ -49,6 +50,8 @@ pub struct Backend {
 struct State {
     name: String,
     fail_status: Option<StatusCode>,
+    /// Added before every answer but `/healthz`.
+    latency: Duration,
     hits: Mutex<Vec<Hit>>,
 }
 
@@ -62,18 +65,24 @@ type Body = Either<Full<Bytes>, PatternBody>;
 impl Backend {
     /// Starts a backend called `name` on a free loopback port.
     pub fn new(name: &str) -> Backend {
-        Self::launch(name, None)
+        Self::launch(name, None, Duration::ZERO)
     }
 
     /// A backend that answers `status` to every request except `GET /healthz`.
     pub fn failing(name: &str, status: u16) -> Backend {
-        Self::launch(name, Some(StatusCode::from_u16(status).expect("a valid status")))
+        Self::launch(name, Some(StatusCode::from_u16(status).expect("a valid status")), Duration::ZERO)
     }
 
-    fn launch(name: &str, fail_status: Option<StatusCode>) -> Backend {
+    /// A backend that waits `latency` before answering any request but `GET /healthz`
+    /// (so the gateway measures that latency for it).
+    pub fn slow(name: &str, latency: Duration) -> Backend {
+        Self::launch(name, None, latency)
+    }
+
+    fn launch(name: &str, fail_status: Option<StatusCode>, latency: Duration) -> Backend {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
         let addr = listener.local_addr().unwrap();
-        let state = Arc::new(State { name: name.to_owned(), fail_status, hits: Mutex::new(Vec::new()) });
+        let state = Arc::new(State { name: name.to_owned(), fail_status, latency, hits: Mutex::new(Vec::new()) });
         let backend = Backend { name: name.to_owned(), addr, state, running: Mutex::new(None) };
         backend.serve(listener);
         backend
@@ -184,6 +193,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     let seen_host = req.headers().get(hyper::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
     if path != "/healthz" {
         state.hits.lock().unwrap().push(Hit { method: method.to_string(), path: path.clone() });
+        if !state.latency.is_zero() {
+            tokio::time::sleep(state.latency).await;
+        }
     }
     let text = |status: StatusCode, body: String| (status, Either::Left(Full::new(Bytes::from(body))));
 

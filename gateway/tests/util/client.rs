@@ -96,6 +96,21 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -
     block(&format!("{method} {path}"), async { into_reply(send_h1(addr, req).await?).await })?
 }
 
+/// `METHOD path` with extra request headers, on a fresh HTTP/1.1 connection.
+pub fn request_with_headers(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Reply, String> {
+    let mut req = build(addr, method, path, None);
+    for (name, value) in headers {
+        let name = hyper::header::HeaderName::from_bytes(name.as_bytes()).expect("a valid header name");
+        req.headers_mut().append(name, value.parse().expect("a valid header value"));
+    }
+    block(&format!("{method} {path}"), async { into_reply(send_h1(addr, req).await?).await })?
+}
+
 /// `GET path` on a fresh connection: (status, body), or why it failed.
 pub fn try_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
     request(addr, "GET", path, None).map(|r| (r.status, r.body))

@@ -48,11 +48,19 @@ pub fn message(line: &Value) -> &str {
 impl Gateway {
     /// Starts `gateway --log-format json ARGS...` and waits until it listens.
     pub fn start(args: &[&str]) -> Gateway {
+        Self::start_with(args, &[], STARTUP)
+    }
+
+    /// Like [`Gateway::start`], with extra environment variables (e.g. `XDG_CACHE_HOME`
+    /// for the compiled-plugin cache) and a longer or shorter wait for it to listen
+    /// (loading a Python or JavaScript plugin that is not in the cache compiles it first).
+    pub fn start_with(args: &[&str], env: &[(&str, &str)], startup: Duration) -> Gateway {
         let mut child = Command::new(BIN)
             .arg("--log-format")
             .arg("json")
             .args(args)
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -76,7 +84,7 @@ impl Gateway {
             .expect("spawn the stderr reader");
 
         let mut gw = Gateway { child, addr: SocketAddr::from(([127, 0, 0, 1], 0)), logs };
-        let listening = gw.wait_for_log(STARTUP, |l| message(l) == "listening");
+        let listening = gw.wait_for_log(startup, |l| message(l) == "listening");
         gw.addr = address_of(&listening);
         gw
     }
@@ -207,10 +215,16 @@ pub struct CliOutput {
 
 /// Runs `gateway ARGS...` to its end; kills it (and panics) after `timeout`.
 pub fn run_cli(args: &[&str], timeout: Duration) -> CliOutput {
+    run_cli_with_env(args, &[], timeout)
+}
+
+/// Like [`run_cli`], with extra environment variables.
+pub fn run_cli_with_env(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> CliOutput {
     let started = Instant::now();
     let mut child = Command::new(BIN)
         .args(args)
         .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -15,8 +15,8 @@ mod gateway;
 mod temp;
 
 pub use backend::{BIG_BYTES, Backend, Hit};
-pub use client::{Download, KeepAlive, Reply, download, get, get_h2c, request, try_get, upload};
-pub use gateway::{CliOutput, Gateway, message, run_cli};
+pub use client::{Download, KeepAlive, Reply, download, get, get_h2c, request, request_with_headers, try_get, upload};
+pub use gateway::{CliOutput, Gateway, message, run_cli, run_cli_with_env};
 pub use temp::TempDir;
 
 use bytes::Bytes;
