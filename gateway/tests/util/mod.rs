@@ -1,7 +1,8 @@
 //! Shared helpers of the integration tests: real HTTP/1.1 backends on loopback
 //! ([`Backend`]), the real gateway binary ([`Gateway`], [`run_cli`]), a small HTTP
-//! client ([`get`], [`KeepAlive`], [`upload`], [`download`], [`get_h2c`]) and scratch
-//! folders ([`TempDir`]).
+//! client ([`get`], [`KeepAlive`], [`upload`], [`download`], [`get_h2c`]), a browser-like
+//! client with its own client IP, headers and cookie jar ([`Browser`]), a backend whose
+//! latency can change ([`TunableBackend`]) and scratch folders ([`TempDir`]).
 //!
 //! Everything async runs on one background runtime ([`rt`]); the tests themselves are
 //! plain synchronous `#[test]` functions. Every wait is bounded by a deadline.
@@ -10,14 +11,18 @@
 #![allow(dead_code, unused_imports)]
 
 mod backend;
+mod browser;
 mod client;
 mod gateway;
 mod temp;
+mod tunable;
 
 pub use backend::{BIG_BYTES, Backend, Hit};
+pub use browser::{Browser, set_cookies};
 pub use client::{Download, KeepAlive, Reply, download, get, get_h2c, request, request_with_headers, try_get, upload};
 pub use gateway::{CliOutput, Gateway, message, run_cli, run_cli_with_env};
 pub use temp::TempDir;
+pub use tunable::TunableBackend;
 
 use bytes::Bytes;
 use std::sync::OnceLock;
