@@ -29,12 +29,14 @@ fn pool(n: usize) -> Pool {
 fn decisions(c: &mut Criterion) {
     let host = PluginHost::new(&config::Plugins::default()).expect("engine");
     let client: IpAddr = "203.0.113.7".parse().unwrap();
+    let mut selectors = Vec::new();
     let mut group = c.benchmark_group("pick");
     group.throughput(Throughput::Elements(1));
     for name in plugin::builtin_names() {
         let compiled = host.resolve(name).expect("built-in compiles");
         let binding = host.bind("bench", compiled, &serde_json::json!({})).expect("configure with defaults");
-        let selector = Selector::new(binding);
+        let selector = Arc::new(Selector::new(binding));
+        selectors.push(selector.clone());
         for n in [3usize, 100, 10_000] {
             let pool = pool(n);
             let snap = pool.snapshot();
@@ -47,16 +49,20 @@ fn decisions(c: &mut Criterion) {
                 .into_parts();
             // Warm: instantiate and push the pool once, as a worker does before traffic.
             selector.binding().warm(&snap).expect("warm");
+            let choice = selector.choose(&mut parts, client, &snap, &[]);
+            assert!(matches!(choice, Choice::Backend { fallback: false, .. }), "{name}: {choice:?}");
             group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
-                b.iter(|| {
-                    let choice = selector.choose(&mut parts, client, &snap, &[]);
-                    assert!(matches!(choice, Choice::Backend { fallback: false, .. }), "{name}: {choice:?}");
-                    black_box(choice)
-                })
+                b.iter(|| black_box(selector.choose(&mut parts, client, &snap, &[])))
             });
         }
     }
     group.finish();
+    // A call can overrun the 20 ms wall-clock deadline when the machine is overloaded;
+    // the fallback then answers. Say so rather than hide it in the figures.
+    let fallbacks: u64 = selectors.iter().map(|s| s.fallbacks()).sum();
+    if fallbacks > 0 {
+        eprintln!("note: {fallbacks} decisions fell back (deadline overrun on a busy machine)");
+    }
 }
 
 criterion_group! {

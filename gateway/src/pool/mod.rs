@@ -105,6 +105,13 @@ impl PoolSnapshot {
     }
 }
 
+/// Generations are unique across all pools of the process, so a plugin instance can
+/// never mistake one pool (or a rebuilt one) for another.
+fn next_generation() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The current snapshot of one upstream's pool, and the only way to change it.
 #[derive(Debug)]
 pub struct Pool {
@@ -116,7 +123,7 @@ impl Pool {
     /// A pool of `entries`, all up.
     pub fn new(entries: Vec<Arc<BackendEntry>>) -> Self {
         let members = entries.into_iter().map(|entry| Member { entry, status: Status::UP }).collect();
-        Pool { current: ArcSwap::from_pointee(PoolSnapshot::new(1, members)), write: Mutex::new(()) }
+        Pool { current: ArcSwap::from_pointee(PoolSnapshot::new(next_generation(), members)), write: Mutex::new(()) }
     }
 
     /// The current snapshot (hot path: no lock, no allocation).
@@ -140,7 +147,7 @@ impl Pool {
         if status != cur.members[index].status {
             let mut members = cur.members.clone();
             members[index].status = status;
-            self.current.store(Arc::new(PoolSnapshot::new(cur.generation + 1, members)));
+            self.current.store(Arc::new(PoolSnapshot::new(next_generation(), members)));
         }
         Some(status)
     }
@@ -170,7 +177,7 @@ mod tests {
         assert_eq!(p.load().generation, before.generation, "no change, no new snapshot");
         p.update_status("127.0.0.1:9001", |s| s.up = false);
         let after = p.snapshot();
-        assert_eq!(after.generation, before.generation + 1);
+        assert!(after.generation > before.generation);
         assert_eq!(after.healthy_count, 2);
         assert!(!after.members[1].status.healthy());
         assert!(Arc::ptr_eq(&before.members[1].entry, &after.members[1].entry), "stats are shared");
