@@ -28,12 +28,12 @@ pub enum ScaffoldError {
     #[error("{0} already exists: choose another name or folder")]
     Exists(PathBuf),
     /// Writing failed.
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {error}")]
     Write {
         /// The file.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -88,7 +88,7 @@ pub fn create(name: &str, lang: Lang, dest: &Path) -> Result<Vec<PathBuf>, Scaff
             std::fs::create_dir_all(path.parent().expect("joined path has a parent"))?;
             std::fs::write(&path, text)
         };
-        write().map_err(|source| ScaffoldError::Write { path: path.clone(), source })?;
+        write().map_err(|error| ScaffoldError::Write { path: path.clone(), error })?;
         written.push(path);
     }
     Ok(written)

@@ -49,12 +49,12 @@ pub enum BuildError {
         id: String,
     },
     /// The strategy plugin was refused.
-    #[error("upstream `{upstream}`: {source}")]
+    #[error("upstream `{upstream}`: {error}")]
     Plugin {
         /// Upstream name.
         upstream: String,
         /// Why.
-        source: PluginError,
+        error: PluginError,
     },
 }
 
@@ -80,7 +80,7 @@ impl Upstream {
             let labels = b.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             entries.push(Arc::new(BackendEntry::new(b.id().into(), addr, b.weight, b.zone.clone(), labels)));
         }
-        let plugin_err = |source| BuildError::Plugin { upstream: name.into(), source };
+        let plugin_err = |error| BuildError::Plugin { upstream: name.into(), error };
         let plugin = host.resolve(&cfg.strategy.plugin).map_err(plugin_err)?;
         let binding = host.bind(name, plugin, &cfg.strategy.params).map_err(plugin_err)?;
         Ok(Upstream {

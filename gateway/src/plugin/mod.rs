@@ -53,12 +53,12 @@ pub enum PluginError {
         dir: String,
     },
     /// The file could not be read.
-    #[error("{path}: cannot read: {source}")]
+    #[error("{path}: cannot read: {error}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The bytes are not a Wasm component.
     #[error("{origin}: {reason}")]
@@ -305,7 +305,7 @@ impl PluginHost {
     }
 
     fn try_reload(&self, name: &str, path: &Path) -> Result<Option<Arc<Plugin>>, (PluginError, Option<String>)> {
-        let bytes = std::fs::read(path).map_err(|source| (PluginError::Read { path: path.into(), source }, None))?;
+        let bytes = std::fs::read(path).map_err(|error| (PluginError::Read { path: path.into(), error }, None))?;
         let hash = hex(&Sha256::digest(&bytes));
         let bindings = self.bindings_of(name);
         let known = self.registry.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned().unwrap_or_default();
@@ -383,7 +383,7 @@ impl PluginHost {
 
     /// Reads and compiles a plugin file.
     pub fn load_file(&self, name: &str, path: &Path) -> Result<Arc<Plugin>, PluginError> {
-        let bytes = std::fs::read(path).map_err(|source| PluginError::Read { path: path.into(), source })?;
+        let bytes = std::fs::read(path).map_err(|error| PluginError::Read { path: path.into(), error })?;
         self.compile(name, Origin::File(path.into()), &bytes)
     }
 

@@ -8,6 +8,8 @@ use std::time::Duration;
 pub struct BackendStats {
     active: AtomicU32,
     ewma_latency_us: AtomicU32,
+    /// When the last latency sample arrived, µs since [`epoch`].
+    last_sample_us: AtomicU64,
     consecutive_failures: AtomicU32,
     requests: AtomicU64,
     failures: AtomicU64,
@@ -32,13 +34,23 @@ impl BackendStats {
     }
 
     /// Records a successful response after `latency`; resets the failure streak.
+    ///
+    /// The latency average gives a new sample a weight of at least 1/8, and more the
+    /// longer the backend went unmeasured (`1 - e^(-idle/250ms)`): under load it
+    /// smooths over many responses, and the first answers after a quiet spell (say, from
+    /// a backend a balancer had been avoiding) count for nearly everything. A lost
+    /// update under a race only delays convergence.
     pub fn success(&self, latency: Duration) {
-        let sample = latency.as_micros().min(u32::MAX as u128) as u32;
-        // EWMA with alpha = 1/8; a lost update under a race only delays convergence.
-        let old = self.ewma_latency_us.load(Relaxed);
-        let new = if old == 0 { sample } else { (old as i64 + (sample as i64 - old as i64) / 8) as u32 };
-        self.ewma_latency_us.store(new, Relaxed);
+        self.record(latency.as_micros().min(u32::MAX as u128) as f64, epoch().elapsed().as_micros() as u64);
         self.consecutive_failures.store(0, Relaxed);
+    }
+
+    fn record(&self, sample_us: f64, now_us: u64) {
+        let idle = now_us.saturating_sub(self.last_sample_us.swap(now_us, Relaxed));
+        let old = self.ewma_latency_us.load(Relaxed) as f64;
+        let weight = (1.0 - (-(idle as f64) / 250_000.0).exp()).max(1.0 / 8.0);
+        let new = if old == 0.0 { sample_us } else { old + (sample_us - old) * weight };
+        self.ewma_latency_us.store(new.round().min(u32::MAX as f64) as u32, Relaxed);
     }
 
     /// Records a failure; returns the length of the failure streak.
@@ -75,5 +87,28 @@ impl BackendStats {
     /// Failed requests since start.
     pub fn failures(&self) -> u64 {
         self.failures.load(Relaxed)
+    }
+}
+
+/// A fixed instant for the process, so timestamps fit in an atomic.
+fn epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_average_smooths_under_load_and_refreshes_after_a_quiet_spell() {
+        let s = BackendStats::default();
+        s.record(5_000.0, 10_000_000);
+        assert_eq!(s.ewma_latency_us(), 5_000, "the first sample is taken as it is");
+        s.record(1_000.0, 10_000_100);
+        assert_eq!(s.ewma_latency_us(), 4_500, "back to back: weight 1/8");
+        s.record(1_000.0, 11_000_100);
+        let fresh = s.ewma_latency_us();
+        assert!(fresh < 1_100, "after 1 s unmeasured the new sample dominates, got {fresh}");
     }
 }

@@ -8,14 +8,17 @@
 //! The host measures each backend's response latency (`ewma_latency_us`) and in-flight
 //! requests (`active_requests`) across all worker threads. On top of the host's average
 //! this strategy keeps a *peak* estimate per backend: when the measured latency rises,
-//! the estimate jumps to it at once; when it falls (by more than 5%; smaller moves are
-//! followed at once), the estimate decays towards it with time constant `decay_ms`,
-//! counted from the first reading that showed the fall. A backend that slows down is
-//! shunned immediately and trusted again gradually. A backend with no measurement yet
-//! counts as `default_latency_ms`.
+//! the estimate jumps to it at once; when it falls, the new value is blended in with
+//! weight `1 - e^(-t/decay_ms)`, `t` being the time since the previous measurement
+//! (Linkerd's peak-EWMA). A backend that slows down is shunned immediately and trusted
+//! again gradually. A backend with no measurement yet
+//! counts as `default_latency_ms`. A shunned backend gets no traffic and so no new
+//! measurement: while its measurement does not change, its estimate fades towards zero
+//! with the same time constant, so it is probed again after a few `decay_ms` (Linkerd
+//! decays an unobserved estimate the same way).
 //!
-//! Comparing two random backends instead of all of them keeps a pick at three host calls
-//! whatever the pool size (the clock is read only while a peak is decaying), and avoids
+//! Comparing two random backends instead of all of them keeps a pick at four host calls
+//! (random, the clock, two stats) whatever the pool size, and avoids
 //! the herd behaviour of always choosing the global minimum. A retry draws among the
 //! backends it has not tried yet.
 //!
@@ -46,16 +49,15 @@ pub struct P2cEwma {
     peaks: Vec<Peak>,
 }
 
-/// A measurement this much below the peak (relative) starts a decay; closer ones are
-/// taken as they are.
-const FALL: f64 = 0.05;
-
 /// One backend's peak-EWMA latency estimate.
 #[derive(Debug, Clone, Copy, Default)]
 struct Peak {
     latency_us: f64,
-    /// While decaying: when `latency_us` was last brought up to date. `None` otherwise.
-    decaying_since_ms: Option<u64>,
+    /// The host's measurement last seen, and when it last changed (responses arrived).
+    last_measured: u32,
+    observed_ms: u64,
+    /// A first reading was taken.
+    seen: bool,
 }
 
 impl Default for P2cEwma {
@@ -73,21 +75,29 @@ impl P2cEwma {
             0 => self.default_latency_us,
             us => f64::from(us),
         };
+        let now = *now_ms.get_or_insert_with(host::now_ms);
         let peak = &mut self.peaks[index as usize];
-        if measured >= peak.latency_us * (1.0 - FALL) {
-            // Rising, steady, or a first reading: take it at once.
-            peak.latency_us = measured;
-            peak.decaying_since_ms = None;
-        } else {
-            // Falling: decay towards the measurement.
-            let now = *now_ms.get_or_insert_with(host::now_ms);
-            if let Some(since) = peak.decaying_since_ms {
-                let keep = (-(now.saturating_sub(since) as f64) / self.decay_ms).exp();
+        if !peak.seen {
+            *peak = Peak { latency_us: measured, last_measured: stats.ewma_latency_us, observed_ms: now, seen: true };
+        } else if stats.ewma_latency_us != peak.last_measured {
+            // A new measurement (responses arrived). Peak-EWMA: a rise is taken at once;
+            // a fall is blended in with the weight the time since the last measurement
+            // earned it, so after a quiet spell the new value counts for nearly all.
+            if measured >= peak.latency_us {
+                peak.latency_us = measured;
+            } else {
+                let keep = (-(now.saturating_sub(peak.observed_ms) as f64) / self.decay_ms).exp();
                 peak.latency_us = peak.latency_us * keep + measured * (1.0 - keep);
             }
-            peak.decaying_since_ms = Some(now);
+            peak.last_measured = stats.ewma_latency_us;
+            peak.observed_ms = now;
         }
-        peak.latency_us * (f64::from(stats.active_requests) + 1.0)
+        // A backend that gets no traffic is never measured again, so a latency spike
+        // would shun it for good. As Linkerd does, let an unobserved estimate fade
+        // towards zero so that it is probed again after a few `decay_ms`.
+        let unobserved = now.saturating_sub(peak.observed_ms) as f64;
+        let estimate = peak.latency_us * (-unobserved / self.decay_ms).exp();
+        estimate * (f64::from(stats.active_requests) + 1.0)
     }
 
     /// The healthy backend at position `k` or, if it was already tried (or is `other`),
@@ -223,6 +233,9 @@ mod tests {
         host::set_now_ms(1_000_100);
         assert_eq!(shares(&mut s, 3, 300)[0], 0, "100 ms later it is still penalised");
         host::set_now_ms(1_010_000);
+        // The others kept answering meanwhile: their measurements moved a little.
+        set(1, 0, 2_001);
+        set(2, 0, 2_001);
         assert!(shares(&mut s, 3, 3_000)[0] > 0, "10 decay periods later it is back");
     }
 
@@ -284,20 +297,24 @@ mod tests {
     }
 
     #[test]
-    fn small_falls_are_followed_at_once() {
+    fn falls_count_by_the_time_since_the_last_measurement() {
         host::reset();
         // Two backends: with one there is nothing to compare and no cost is computed.
-        let mut s = strategy(2, "{}");
+        let mut s = strategy(2, r#"{"decay_ms": 1000}"#);
+        host::set_now_ms(10_000);
         set(1, 0, 2_000);
         set(0, 0, 2_000);
         pick(&mut s, &[]);
-        set(0, 0, 1_950);
-        pick(&mut s, &[]);
-        assert_eq!(s.peaks[0].latency_us, 1_950.0, "2.5% lower: noise, not a fall");
         set(0, 0, 1_000);
         pick(&mut s, &[]);
-        assert_eq!(s.peaks[0].latency_us, 1_950.0, "halved: decays from now on");
-        assert!(s.peaks[0].decaying_since_ms.is_some());
+        assert_eq!(s.peaks[0].latency_us, 2_000.0, "no time passed: the peak holds");
+        host::set_now_ms(20_000);
+        set(0, 0, 999);
+        pick(&mut s, &[]);
+        assert!(s.peaks[0].latency_us < 1_001.0, "10 s later the new value is all that counts");
+        set(0, 0, 3_000);
+        pick(&mut s, &[]);
+        assert_eq!(s.peaks[0].latency_us, 3_000.0, "a rise is taken at once");
     }
 
     #[test]
@@ -356,5 +373,48 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod recovery {
+    use super::*;
+    use gateway_sdk::{BackendStats, TestRequest};
+
+    #[test]
+    fn an_unmeasured_slow_backend_is_probed_again() {
+        host::reset();
+        let mut s = P2cEwma::default();
+        s.configure(r#"{"decay_ms": 200}"#).unwrap();
+        let backends = (0..3)
+            .map(|i| Backend {
+                id: format!("b{i}"),
+                address: String::new(),
+                weight: 1,
+                zone: String::new(),
+                labels: vec![],
+                healthy: true,
+            })
+            .collect();
+        s.pool_changed(1, backends);
+        let stats = |lat| BackendStats { active_requests: 0, ewma_latency_us: lat, consecutive_failures: 0 };
+        host::set_now_ms(1_000);
+        host::set_backend_stats(0, stats(5_000));
+        host::set_backend_stats(1, stats(300));
+        host::set_backend_stats(2, stats(310));
+        let req = TestRequest::new();
+        // The others answer requests all the time, so their measurements keep changing.
+        let count = |s: &mut P2cEwma, at: u64| {
+            (0..300)
+                .filter(|k| {
+                    host::set_now_ms(at + k);
+                    host::set_backend_stats(1, stats(300 + (*k as u32 % 7)));
+                    host::set_backend_stats(2, stats(310 + (*k as u32 % 5)));
+                    s.pick(&req, &[]).backend_index() == Some(0)
+                })
+                .count()
+        };
+        assert_eq!(count(&mut s, 1_000), 0, "slow: shunned");
+        assert!(count(&mut s, 3_000) > 0, "2 s (10 decay periods) unmeasured: probed again");
     }
 }
