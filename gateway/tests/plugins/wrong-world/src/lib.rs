@@ -10,4 +10,6 @@ impl exports::other::thing::greeter::Guest for Greeter {
     }
 }
 
+// Export glue only for Wasm: natively the symbol names (with `:`) do not link.
+#[cfg(target_family = "wasm")]
 export!(Greeter);
