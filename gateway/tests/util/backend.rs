@@ -149,7 +149,7 @@ impl Backend {
             tokio::net::TcpListener::from_std(listener).unwrap()
         };
         let (stop, stop_rx) = oneshot::channel();
-        let task = rt().spawn(accept_loop(listener, self.state.clone(), stop_rx));
+        let task = rt().spawn(accept_loop(listener, self.state.clone(), stop_rx, handle));
         *self.running.lock().unwrap() = Some(Running { stop, task });
     }
 }
@@ -160,7 +160,20 @@ impl Drop for Backend {
     }
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, state: Arc<State>, mut stop: oneshot::Receiver<()>) {
+/// Serves HTTP/1.1 on `listener` with `handle` until `stop` fires, then closes the
+/// listener and every open connection (like a crashed server). Shared by the test backends.
+pub(super) async fn accept_loop<S, H, Fut, B>(
+    listener: tokio::net::TcpListener,
+    state: Arc<S>,
+    mut stop: oneshot::Receiver<()>,
+    handle: H,
+) where
+    S: Send + Sync + 'static,
+    H: Fn(Arc<S>, Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {

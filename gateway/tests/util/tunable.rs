@@ -9,16 +9,13 @@ use super::rt;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 use tokio::sync::oneshot;
-use tokio::task::JoinSet;
 
 /// A running backend with an adjustable delay.
 pub struct TunableBackend {
@@ -46,7 +43,7 @@ impl TunableBackend {
             tokio::net::TcpListener::from_std(listener).unwrap()
         };
         let (stop, stop_rx) = oneshot::channel();
-        rt().spawn(accept_loop(listener, state.clone(), stop_rx));
+        rt().spawn(super::backend::accept_loop(listener, state.clone(), stop_rx, handle));
         TunableBackend { name: name.to_owned(), addr, state, stop: Some(stop) }
     }
 
@@ -77,30 +74,6 @@ impl Drop for TunableBackend {
             let _ = stop.send(());
         }
     }
-}
-
-async fn accept_loop(listener: tokio::net::TcpListener, state: Arc<State>, mut stop: oneshot::Receiver<()>) {
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nodelay(true);
-                    let state = state.clone();
-                    let service = service_fn(move |req| handle(state.clone(), req));
-                    conns.spawn(async move {
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await;
-                    });
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-        }
-    }
-    conns.abort_all();
 }
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
