@@ -71,14 +71,16 @@ impl Proxy {
         let peer = conn.peer;
         let started = Instant::now();
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        // Kept for the access log; a clone shares the parsed bytes instead of copying them.
+        let uri = req.uri().clone();
+        let path = uri.path();
         let host = req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(header::HOST)?.to_str().ok());
-        let Some(route) = self.router.route(host, &path) else {
+        let Some(route) = self.router.route(host, path) else {
             let host = host.unwrap_or("").to_owned();
             let resp = plain(StatusCode::NOT_FOUND, format!("no route for host `{host}` and path `{path}`\n"));
             self.log(
                 &method,
-                &path,
+                path,
                 peer,
                 &resp,
                 started,
@@ -90,7 +92,7 @@ impl Proxy {
         let mut outcome =
             Outcome { route: &route.name, upstream: &upstream.name, backend: None, attempts: 0, fallback: false };
         let resp = self.forward(conns, req, conn, upstream, &mut outcome).await;
-        self.log(&method, &path, peer, &resp, started, &outcome);
+        self.log(&method, path, peer, &resp, started, &outcome);
         resp
     }
 
@@ -114,9 +116,9 @@ impl Proxy {
         }
         headers::add_forwarded(&mut parts.headers, &conn.ip, authority.as_deref());
         let peer = conn.peer;
-        if !parts.headers.contains_key(headers::X_REQUEST_ID) {
-            parts.headers.insert(headers::X_REQUEST_ID, request_id());
-        }
+        parts.headers.entry(headers::X_REQUEST_ID).or_insert_with(request_id);
+        // Only an HTTP/1.0 client can leave us with no `Host`; HTTP/1.1 backends need one.
+        let has_host = parts.headers.contains_key(header::HOST);
         let body =
             if incoming.is_end_stream() { RequestBody::Empty } else { RequestBody::Stream(Replayable::new(incoming)) };
         let idempotent = is_idempotent(&parts.method);
@@ -147,8 +149,7 @@ impl Proxy {
             *attempt.method_mut() = parts.method.clone();
             *attempt.uri_mut() = target.clone();
             *attempt.headers_mut() = parts.headers.clone();
-            if !attempt.headers().contains_key(header::HOST) {
-                // An HTTP/1.0 client sent none; HTTP/1.1 backends require one.
+            if !has_host {
                 attempt.headers_mut().insert(
                     header::HOST,
                     header::HeaderValue::from_str(entry.authority.as_str()).expect("valid authority"),
