@@ -43,6 +43,11 @@ echo "python $(python3 --version | cut -d' ' -f2), node $(node --version), npm $
 step "guest-language plugins (scripts/build-guest-plugins.sh)"
 scripts/build-guest-plugins.sh
 
+# The example plugins' own unit tests, natively (no Wasm): plain CPython and Node.
+step "example plugins' native unit tests (Python, JavaScript)"
+PYTHONDONTWRITEBYTECODE=1 python3 -m unittest discover -s examples/plugins/python-path-router
+node --test examples/plugins/js-least-latency/
+
 if [ -z "${SKIP_LINT:-}" ]; then
   step "cargo fmt --check"
   cargo fmt --all -- --check

@@ -5,7 +5,7 @@ mod util;
 use std::time::Duration;
 use util::{CliOutput, TempDir, run_cli, test_plugin};
 
-const WORLD: &str = "gateway:selector/selector@0.1.0";
+const WORLD: &str = "gateway:selector/selector@0.2.0";
 
 fn cli(args: &[&str]) -> CliOutput {
     run_cli(args, Duration::from_secs(30))

@@ -108,7 +108,9 @@ fn pick(
 ) -> Option<(usize, Vec<(String, String)>)> {
     match sel.choose(req, ip, snap, exclude) {
         Choice::Backend { index, response_headers, fallback: false } => Some((index, response_headers)),
-        Choice::Reject(503, _) | Choice::NoBackend => None,
+        // The SDK's `Decision::no_backend()`: its text comes back through `set-reject-body`.
+        Choice::Reject(503, body) if body == "no healthy backend available" => None,
+        Choice::NoBackend => None,
         other => panic!("{case}: {other:?} (plugin failures: {})", sel.binding().failures()),
     }
 }

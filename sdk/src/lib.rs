@@ -58,7 +58,25 @@ pub mod bindings {
     });
 }
 
-pub use bindings::gateway::selector::types::{Backend, BackendStats, Decision, Target};
+pub use bindings::gateway::selector::types::{Backend, BackendStats};
+
+/// A strategy's answer for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Where the request goes.
+    pub target: Target,
+    /// Headers added to the response the client gets (e.g. `set-cookie`).
+    pub response_headers: Vec<(String, String)>,
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The backend at this index of the list last given to [`Strategy::pool_changed`].
+    Backend(u32),
+    /// Answer the client directly with this status and body.
+    Reject(u16, String),
+}
 
 impl Decision {
     /// Send the request to the backend at `index` (into the list of the last `pool_changed`).
@@ -68,7 +86,7 @@ impl Decision {
 
     /// Answer the client directly with `status` and `body`.
     pub fn reject(status: u16, body: impl Into<String>) -> Self {
-        Decision { target: Target::Reject((status, body.into())), response_headers: Vec::new() }
+        Decision { target: Target::Reject(status, body.into()), response_headers: Vec::new() }
     }
 
     /// `503`: no healthy backend that this request has not already tried.
@@ -86,7 +104,29 @@ impl Decision {
     pub fn backend_index(&self) -> Option<u32> {
         match self.target {
             Target::Backend(i) => Some(i),
-            Target::Reject(_) => None,
+            Target::Reject(..) => None,
+        }
+    }
+}
+
+/// Hands a [`Decision`] to the gateway: headers and a rejection's text through the
+/// request, the target as plain numbers. Used by [`export_strategy!`].
+#[doc(hidden)]
+pub fn answer(
+    req: &bindings::gateway::selector::types::Request,
+    decision: Decision,
+) -> bindings::gateway::selector::types::Decision {
+    use bindings::gateway::selector::types::Decision as Wit;
+    for (name, value) in &decision.response_headers {
+        req.add_response_header(name, value);
+    }
+    match decision.target {
+        Target::Backend(i) => Wit::Backend(i),
+        Target::Reject(status, body) => {
+            if !body.is_empty() {
+                req.set_reject_body(&body);
+            }
+            Wit::Reject(status)
         }
     }
 }
@@ -134,14 +174,17 @@ macro_rules! export_strategy {
 
                 fn pick(
                     req: &$crate::bindings::gateway::selector::types::Request,
-                    exclude: ::std::vec::Vec<u32>,
-                ) -> $crate::Decision {
-                    STRATEGY.with(|s| $crate::Strategy::pick(&mut *s.borrow_mut(), req, &exclude))
+                    tried: u32,
+                ) -> $crate::bindings::gateway::selector::types::Decision {
+                    // The list crosses only on a retry: a first attempt costs no copy.
+                    let exclude = if tried == 0 { ::std::vec::Vec::new() } else { req.tried() };
+                    let decision = STRATEGY.with(|s| $crate::Strategy::pick(&mut *s.borrow_mut(), req, &exclude));
+                    $crate::answer(req, decision)
                 }
             }
 
             // Only a Wasm build exports the glue: on a native target the symbol names
-            // (`cabi_post_gateway:selector/policy@0.1.0#pick`, ...) are not valid in a
+            // (`cabi_post_gateway:selector/policy@0.2.0#configure`, ...) are not valid in a
             // linker version script, so a `cdylib` plugin crate would fail to link for
             // its unit tests.
             #[cfg(target_family = "wasm")]

@@ -15,7 +15,7 @@
 // The engine is detected from the type of `generation` in `poolChanged`, which the
 // gateway always calls before the first `pick`.
 
-import * as host from "gateway:selector/host@0.1.0";
+import * as host from "gateway:selector/host@0.2.0";
 
 const DEFAULT_FLOOR_US = 1000;
 
@@ -60,11 +60,17 @@ function poolChanged(generation, backends) {
   }
 }
 
-function reject(status, body) {
-  return { target: { tag: "reject", val: [status, body] }, responseHeaders: [] };
+// A decision is plain numbers: `{ tag: "backend", val: index }` or
+// `{ tag: "reject", val: status }` (the text goes through `req.setRejectBody`).
+function reject(req, status, text) {
+  req.setRejectBody(text);
+  return { tag: "reject", val: status };
 }
 
-function pick(_req, exclude) {
+// `tried` counts the backends earlier attempts of this request used; only a retry
+// (tried > 0) asks the gateway which ones.
+function pick(req, tried) {
+  const exclude = tried > 0 ? Array.from(req.tried()) : [];
   let best = Infinity;
   let ties = [];
   for (const i of healthy) {
@@ -78,14 +84,14 @@ function pick(_req, exclude) {
       ties.push(i);
     }
   }
-  if (ties.length === 0) return reject(503, "no healthy backend available");
+  if (ties.length === 0) return reject(req, 503, "no healthy backend available");
   let chosen = ties[0];
   if (ties.length > 1) {
     // counter-add returns an s64: Number or BigInt depending on the engine.
     const turn = Number(host.counterAdd("turn", one)) - 1;
     chosen = ties[((turn % ties.length) + ties.length) % ties.length];
   }
-  return { target: { tag: "backend", val: chosen }, responseHeaders: [] };
+  return { tag: "backend", val: chosen };
 }
 
 export const policy = { configure, poolChanged, pick };

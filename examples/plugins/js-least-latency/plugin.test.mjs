@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 
 const source = readFileSync(new URL("./plugin.js", import.meta.url), "utf8");
-const IMPORT = 'import * as host from "gateway:selector/host@0.1.0";';
+const IMPORT = 'import * as host from "gateway:selector/host@0.2.0";';
 assert.ok(source.includes(IMPORT), "plugin.js imports the host interface");
 
 let loads = 0;
@@ -33,26 +33,37 @@ async function load(engine, latencies) {
   return { policy: mod.policy, backends, generation: big ? 1n : 1 };
 }
 
-const req = {};
-const idx = (d) => (d.target.tag === "backend" ? d.target.val : null);
+// The request resource: `tried()` lists what a retry must avoid; the body of a
+// rejection comes back through `setRejectBody`.
+function request(tried = []) {
+  return {
+    rejectBody: null,
+    tried: () => Uint32Array.from(tried),
+    setRejectBody(text) {
+      this.rejectBody = text;
+    },
+  };
+}
+const pick = (policy, tried = []) => policy.pick(request(tried), tried.length);
+const idx = (d) => (d.tag === "backend" ? d.val : null);
 
 for (const engine of ["quickjs", "starlingmonkey"]) {
   test(`${engine}: lowest latency wins`, async () => {
     const { policy, backends, generation } = await load(engine, [5000, 3000, 9000]);
     policy.configure("{}");
     policy.poolChanged(generation, backends);
-    assert.deepEqual([0, 1, 2].map(() => idx(policy.pick(req, []))), [1, 1, 1]);
-    assert.equal(idx(policy.pick(req, [1])), 0, "excluded backend is skipped");
+    assert.deepEqual([0, 1, 2].map(() => idx(pick(policy))), [1, 1, 1]);
+    assert.equal(idx(pick(policy, [1])), 0, "excluded backend is skipped");
   });
 
   test(`${engine}: below the floor counts as equal, round robin among those`, async () => {
     const { policy, backends, generation } = await load(engine, [200, 900, 0, 4000]);
     policy.configure(JSON.stringify({ floor_us: 1000 }));
     policy.poolChanged(generation, backends);
-    assert.deepEqual([0, 1, 2, 3, 4, 5].map(() => idx(policy.pick(req, []))), [0, 1, 2, 0, 1, 2]);
+    assert.deepEqual([0, 1, 2, 3, 4, 5].map(() => idx(pick(policy))), [0, 1, 2, 0, 1, 2]);
     // floor 5000: the 4 ms backend joins them.
     policy.configure(JSON.stringify({ floor_us: 5000 }));
-    const picks = new Set([0, 1, 2, 3, 4, 5, 6, 7].map(() => idx(policy.pick(req, []))));
+    const picks = new Set([0, 1, 2, 3, 4, 5, 6, 7].map(() => idx(pick(policy))));
     assert.deepEqual([...picks].sort(), [0, 1, 2, 3]);
   });
 
@@ -61,10 +72,12 @@ for (const engine of ["quickjs", "starlingmonkey"]) {
     backends[0].healthy = false;
     policy.configure("{}");
     policy.poolChanged(generation, backends);
-    assert.equal(idx(policy.pick(req, [])), 1);
-    const d = policy.pick(req, [1]);
-    assert.equal(d.target.tag, "reject");
-    assert.equal(d.target.val[0], 503);
+    assert.equal(idx(pick(policy)), 1);
+    const r = request([1]);
+    const d = policy.pick(r, 1);
+    assert.equal(d.tag, "reject");
+    assert.equal(d.val, 503);
+    assert.match(r.rejectBody, /no healthy backend/);
   });
 }
 

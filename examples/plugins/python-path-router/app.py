@@ -7,8 +7,8 @@ Params (JSON):
 A request whose path starts with one of the prefixes (the longest one wins) goes,
 in exact round robin, to the healthy backends whose label `label` equals the
 mapped value. Any other request goes round robin over all healthy backends.
-Backends that an earlier attempt of the request already tried (`exclude`) are
-skipped; when nothing is left the request is answered with 503.
+Backends that an earlier attempt of the request already tried (`req.tried()`, asked
+only on a retry) are skipped; when nothing is left the request is answered with 503.
 
 Built with componentize-py (see README.md). componentize-py looks for a class
 named after the exported interface (`policy` -> `Policy`) in this module.
@@ -22,9 +22,9 @@ from wit_world.imports import host
 from wit_world.imports.types import (
     Backend,
     Decision,
+    Decision_Backend,
+    Decision_Reject,
     Request,
-    Target_Backend,
-    Target_Reject,
 )
 
 SHAPE = '{"routes": {"/api": "api", "/static": "static"}, "label": "role"}'
@@ -96,8 +96,10 @@ class Policy(exports.Policy):
                     break
         STATE.healthy, STATE.by_value = healthy, by_value
 
-    def pick(self, req: Request, exclude: list[int]) -> Decision:
-        # `req` is borrowed: read from it, never close it.
+    def pick(self, req: Request, tried: int) -> Decision:
+        # `req` is borrowed: read from it, never close it. `tried` counts the backends
+        # earlier attempts used; only a retry asks which ones.
+        exclude = req.tried() if tried else []
         path = req.path()
         group, key, what = STATE.healthy, "turn", "healthy backend"
         for prefix, value in STATE.routes:
@@ -112,5 +114,6 @@ class Policy(exports.Policy):
             for k in range(n):
                 i = group[(start + k) % n]
                 if i not in exclude:
-                    return Decision(Target_Backend(i), [])
-        return Decision(Target_Reject((503, f"no {what} available")), [])
+                    return Decision_Backend(i)
+        req.set_reject_body(f"no {what} available")
+        return Decision_Reject(503)

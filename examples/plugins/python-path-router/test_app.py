@@ -30,17 +30,12 @@ def install_stubs():
         healthy: bool
 
     @dataclass
-    class Target_Backend:
+    class Decision_Backend:
         value: int
 
     @dataclass
-    class Target_Reject:
-        value: tuple
-
-    @dataclass
-    class Decision:
-        target: object
-        response_headers: list
+    class Decision_Reject:
+        value: int
 
     def counter_add(key, delta):
         counters[key] = counters.get(key, 0) + delta
@@ -54,10 +49,10 @@ def install_stubs():
         "wit_world.imports.host": {"counter_add": counter_add},
         "wit_world.imports.types": {
             "Backend": Backend,
-            "Decision": Decision,
+            "Decision": object,
+            "Decision_Backend": Decision_Backend,
+            "Decision_Reject": Decision_Reject,
             "Request": object,
-            "Target_Backend": Target_Backend,
-            "Target_Reject": Target_Reject,
         },
     }
     for name, attrs in modules.items():
@@ -76,11 +71,21 @@ import app  # noqa: E402
 
 
 class Req:
-    def __init__(self, path):
+    """The request resource: the path, the backends already tried, the reject text."""
+
+    def __init__(self, path, tried=()):
         self._path = path
+        self._tried = list(tried)
+        self.reject_body = None
 
     def path(self):
         return self._path
+
+    def tried(self):
+        return list(self._tried)
+
+    def set_reject_body(self, text):
+        self.reject_body = text
 
 
 def backend(i, role=None, healthy=True):
@@ -106,8 +111,8 @@ class PathRouterTest(unittest.TestCase):
     def picks(self, path, n, exclude=()):
         out = []
         for _ in range(n):
-            t = app.Policy().pick(Req(path), list(exclude)).target
-            out.append(t.value if type(t).__name__ == "Target_Backend" else t.value[0])
+            d = app.Policy().pick(Req(path, exclude), len(exclude))
+            out.append(d.value)
         return out
 
     def test_prefix_goes_round_robin_to_the_labelled_backends(self):
@@ -122,8 +127,10 @@ class PathRouterTest(unittest.TestCase):
     def test_exclude_and_503(self):
         self.assertEqual(self.picks("/api/x", 1, exclude=[0]), [1])
         self.assertEqual(self.picks("/static", 1, exclude=[2]), [503])
-        d = app.Policy().pick(Req("/static"), [2])
-        self.assertIn("role=static", d.target.value[1])
+        req = Req("/static", [2])
+        d = app.Policy().pick(req, 1)
+        self.assertEqual(type(d).__name__, "Decision_Reject")
+        self.assertIn("role=static", req.reject_body)
 
     def test_configure_refuses_bad_params(self):
         for params, needle in [

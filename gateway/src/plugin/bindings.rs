@@ -19,7 +19,13 @@ mod gen_ {
 
 pub use gen_::Selector as SelectorBindings;
 pub use gen_::SelectorPre;
-pub use gen_::gateway::selector::types::{Backend as WitBackend, BackendStats as WitBackendStats, Target as WitTarget};
+pub use gen_::gateway::selector::types::{
+    Backend as WitBackend, BackendStats as WitBackendStats, Decision as WitDecision,
+};
+
+/// Response headers one `pick` may add; more are ignored (a plugin bug must not grow
+/// a response without bound).
+const MAX_RESPONSE_HEADERS: usize = 64;
 
 /// The only request a plugin can see: the one being routed by the current `pick`.
 pub struct RequestRef;
@@ -29,6 +35,19 @@ pub struct RequestRef;
 pub struct CurrentRequest {
     pub parts: http::request::Parts,
     pub client_ip: IpAddr,
+    /// Backends earlier attempts tried (`request.tried`).
+    pub tried: Vec<u32>,
+    /// Set by `request.add-response-header`.
+    pub response_headers: Vec<(String, String)>,
+    /// Set by `request.set-reject-body`.
+    pub reject_body: Option<String>,
+}
+
+impl CurrentRequest {
+    /// The request in `parts` from `client_ip`; `tried` as `request.tried` lists it.
+    pub fn new(parts: http::request::Parts, client_ip: IpAddr, tried: &[u32]) -> Self {
+        CurrentRequest { parts, client_ip, tried: tried.to_vec(), response_headers: Vec::new(), reject_body: None }
+    }
 }
 
 /// What each plugin instance's store holds.
@@ -183,6 +202,24 @@ impl gen_::gateway::selector::types::HostRequest for HostState {
 
     fn client_ip(&mut self, _: Resource<RequestRef>) -> String {
         self.req().map(|r| r.client_ip.to_string()).unwrap_or_default()
+    }
+
+    fn tried(&mut self, _: Resource<RequestRef>) -> Vec<u32> {
+        self.req().map(|r| r.tried.clone()).unwrap_or_default()
+    }
+
+    fn add_response_header(&mut self, _: Resource<RequestRef>, name: String, value: String) {
+        if let Some(r) = self.request.as_mut()
+            && r.response_headers.len() < MAX_RESPONSE_HEADERS
+        {
+            r.response_headers.push((name, value));
+        }
+    }
+
+    fn set_reject_body(&mut self, _: Resource<RequestRef>, text: String) {
+        if let Some(r) = self.request.as_mut() {
+            r.reject_body = Some(text);
+        }
     }
 
     fn drop(&mut self, _: Resource<RequestRef>) -> wasmtime::Result<()> {

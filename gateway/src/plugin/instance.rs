@@ -1,6 +1,6 @@
 //! A plugin bound to one upstream, with one live instance per worker thread.
 
-use super::bindings::{CurrentRequest, HostState, RequestRef, SelectorBindings, WitBackend, WitTarget};
+use super::bindings::{CurrentRequest, HostState, RequestRef, SelectorBindings, WitBackend, WitDecision};
 use super::{Origin, Plugin, PluginError, PluginHost, shared::Namespace};
 use crate::pool::PoolSnapshot;
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -210,33 +210,35 @@ impl Binding {
         self.with_slot(pool, |slot| {
             slot.store.set_epoch_deadline(ticks);
             let taken = std::mem::replace(parts, blank_parts());
-            slot.store.data_mut().request = Some(CurrentRequest { parts: taken, client_ip });
+            slot.store.data_mut().request = Some(CurrentRequest::new(taken, client_ip, exclude));
             let result = slot.bindings.gateway_selector_policy().call_pick(
                 &mut slot.store,
                 Resource::<RequestRef>::new_borrow(0),
-                exclude,
+                exclude.len() as u32,
             );
-            if let Some(req) = slot.store.data_mut().request.take() {
-                *parts = req.parts;
-            }
-            let decision = result.map_err(call_error)?;
-            let target = match decision.target {
-                WitTarget::Backend(i) if (i as usize) < pool.members.len() => Target::Backend(i),
-                WitTarget::Backend(i) => {
+            let Some(req) = slot.store.data_mut().request.take() else {
+                unreachable!("only `pick` takes the request out of the store");
+            };
+            *parts = req.parts;
+            let target = match result.map_err(call_error)? {
+                WitDecision::Backend(i) if (i as usize) < pool.members.len() => Target::Backend(i),
+                WitDecision::Backend(i) => {
                     return Err(PickError {
                         kind: PickErrorKind::BadAnswer,
                         message: format!("picked backend {i} but the pool has {}", pool.members.len()),
                     });
                 }
-                WitTarget::Reject((status, body)) if (100..=599).contains(&status) => Target::Reject(status, body),
-                WitTarget::Reject((status, _)) => {
+                WitDecision::Reject(status) if (100..=599).contains(&status) => {
+                    Target::Reject(status, req.reject_body.unwrap_or_default())
+                }
+                WitDecision::Reject(status) => {
                     return Err(PickError {
                         kind: PickErrorKind::BadAnswer,
                         message: format!("rejected with invalid status {status}"),
                     });
                 }
             };
-            Ok(Decision { target, response_headers: decision.response_headers })
+            Ok(Decision { target, response_headers: req.response_headers })
         })
     }
 

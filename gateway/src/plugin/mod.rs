@@ -31,9 +31,9 @@ pub use warm::Warmer;
 pub use watch::watch;
 
 /// The world a plugin must implement, as printed in errors.
-pub const WORLD: &str = "gateway:selector/selector@0.1.0";
-const IMPORT: &str = "gateway:selector/host@0.1.0";
-const EXPORT: &str = "gateway:selector/policy@0.1.0";
+pub const WORLD: &str = "gateway:selector/selector@0.2.0";
+const IMPORT: &str = "gateway:selector/host@0.2.0";
+const EXPORT: &str = "gateway:selector/policy@0.2.0";
 /// Longest a swap waits for the workers to warm the new version.
 const WARM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Epoch tick; deadlines are whole ticks.

@@ -227,7 +227,7 @@ mod tests {
         assert_eq!(s.pick(&TestRequest::new(), &[0]).backend_index(), Some(2));
         let d = s.pick(&canary, &[0, 1, 2]);
         assert_eq!(d.backend_index(), None);
-        assert!(matches!(d.target, gateway_sdk::Target::Reject((503, _))));
+        assert!(matches!(d.target, gateway_sdk::Target::Reject(503, _)));
         let mut empty = strategy("{}", &[(false, false), (false, true)]);
         assert_eq!(empty.pick(&canary, &[]).backend_index(), None);
     }

@@ -3,9 +3,8 @@
 // A test plugin (see ../README.md). Built by scripts/build-guest-plugins.sh with
 // componentize-js (StarlingMonkey: s64 is BigInt).
 
-import * as host from "gateway:selector/host@0.1.0";
+import * as host from "gateway:selector/host@0.2.0";
 
-const HEADERS = [["x-round-robin", "js"]];
 let healthy = [];
 
 function configure(text) {
@@ -27,16 +26,19 @@ function poolChanged(_generation, backends) {
   }
 }
 
-function pick(_req, exclude) {
+function pick(req, tried) {
+  req.addResponseHeader("x-round-robin", "js");
+  const exclude = tried > 0 ? Array.from(req.tried()) : [];
   const n = healthy.length;
   if (n > 0) {
     const start = (Number(host.counterAdd("turn", 1n)) - 1) % n;
     for (let k = 0; k < n; k++) {
       const index = healthy[(start + k) % n];
-      if (!exclude.includes(index)) return { target: { tag: "backend", val: index }, responseHeaders: HEADERS };
+      if (!exclude.includes(index)) return { tag: "backend", val: index };
     }
   }
-  return { target: { tag: "reject", val: [503, "no healthy backend available"] }, responseHeaders: HEADERS };
+  req.setRejectBody("no healthy backend available");
+  return { tag: "reject", val: 503 };
 }
 
 export const policy = { configure, poolChanged, pick };

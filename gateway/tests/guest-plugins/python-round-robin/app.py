@@ -10,9 +10,8 @@ import json
 from componentize_py_types import Err
 from wit_world import exports
 from wit_world.imports import host
-from wit_world.imports.types import Backend, Decision, Request, Target_Backend, Target_Reject
+from wit_world.imports.types import Backend, Decision, Decision_Backend, Decision_Reject, Request
 
-HEADERS = [("x-round-robin", "python")]
 HEALTHY: list[int] = []
 
 
@@ -29,12 +28,15 @@ class Policy(exports.Policy):
         global HEALTHY
         HEALTHY = [i for i, b in enumerate(backends) if b.healthy]
 
-    def pick(self, req: Request, exclude: list[int]) -> Decision:
+    def pick(self, req: Request, tried: int) -> Decision:
+        req.add_response_header("x-round-robin", "python")
+        exclude = req.tried() if tried else []
         n = len(HEALTHY)
         if n:
             start = (host.counter_add("turn", 1) - 1) % n
             for k in range(n):
                 index = HEALTHY[(start + k) % n]
                 if index not in exclude:
-                    return Decision(Target_Backend(index), HEADERS)
-        return Decision(Target_Reject((503, "no healthy backend available")), HEADERS)
+                    return Decision_Backend(index)
+        req.set_reject_body("no healthy backend available")
+        return Decision_Reject(503)
