@@ -109,7 +109,7 @@ fn pick(
     match sel.choose(req, ip, snap, exclude) {
         Choice::Backend { index, response_headers, fallback: false } => Some((index, response_headers)),
         // The SDK's `Decision::no_backend()`: its text comes back through `set-reject-body`.
-        Choice::Reject(503, body) if body == "no healthy backend available" => None,
+        Choice::Reject { status: 503, text, .. } if text == "no healthy backend available" => None,
         Choice::NoBackend => None,
         other => panic!("{case}: {other:?} (plugin failures: {})", sel.binding().failures()),
     }

@@ -1,6 +1,6 @@
 //! Header rewriting: hop-by-hop removal and `X-Forwarded-*`.
 
-use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use std::net::IpAddr;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -71,69 +71,96 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     })
 }
 
-/// Removes the extra names a `Connection` header lists (rare: it usually says only
-/// `keep-alive`, `close` or `upgrade`, which are not header names to remove).
+/// Removes the extra names a `Connection` header lists.
 fn remove_connection_listed(headers: &mut HeaderMap) {
+    for name in connection_listed(headers) {
+        headers.remove(name);
+    }
+}
+
+/// What the gateway adds to a request it forwards.
+#[derive(Debug)]
+pub struct Forwarding<'a> {
+    /// The client's IP, appended to `X-Forwarded-For`.
+    pub client_ip: &'a HeaderValue,
+    /// The `:authority` of an HTTP/2 request (becomes `Host` when there is none).
+    pub authority: Option<&'a HeaderValue>,
+    /// `X-Request-Id` when the client sent none.
+    pub request_id: &'a HeaderValue,
+    /// The protocol of an HTTP/1.1 upgrade (WebSocket): keeps `Connection: upgrade`.
+    pub upgrade: Option<&'a HeaderValue>,
+}
+
+/// The headers a backend gets, built in one pass over the client's: hop-by-hop headers
+/// (and those `Connection` names) left out, `X-Forwarded-For` extended, `-Proto`,
+/// `-Host` and `X-Request-Id` added, `Host` kept or set (last resort: `fallback_host`,
+/// the backend's own address, for an HTTP/1.0 client that sent none). The client's map is
+/// left as it came, so a retry builds its own copy.
+pub fn for_backend(client: &HeaderMap, fwd: &Forwarding<'_>, fallback_host: impl FnOnce() -> HeaderValue) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(client.keys_len() + 6);
+    let listed = if client.contains_key(header::CONNECTION) { connection_listed(client) } else { Vec::new() };
+    let mut earlier_xff: Option<Vec<u8>> = None;
+    let mut has_request_id = false;
+    for (name, value) in client {
+        if hop_by_hop_index(name).is_some() || listed.contains(name) {
+            continue;
+        }
+        if name == X_FORWARDED_FOR {
+            // Earlier proxies may have sent several lines: keep them all, in order.
+            let joined = earlier_xff.get_or_insert_with(Vec::new);
+            if !joined.is_empty() {
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(value.as_bytes());
+            continue;
+        }
+        has_request_id |= name == X_REQUEST_ID;
+        out.append(name.clone(), value.clone());
+    }
+    let xff = match earlier_xff {
+        None => fwd.client_ip.clone(),
+        Some(mut joined) => {
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(fwd.client_ip.as_bytes());
+            HeaderValue::from_bytes(&joined).unwrap_or_else(|_| fwd.client_ip.clone())
+        }
+    };
+    out.insert(X_FORWARDED_FOR, xff);
+    out.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    let host = match out.get(header::HOST) {
+        Some(h) => h.clone(),
+        None => {
+            let h = fwd.authority.cloned().unwrap_or_else(fallback_host);
+            out.insert(header::HOST, h.clone());
+            h
+        }
+    };
+    out.insert(X_FORWARDED_HOST, host);
+    if !has_request_id {
+        out.insert(X_REQUEST_ID, fwd.request_id.clone());
+    }
+    if let Some(protocol) = fwd.upgrade {
+        set_upgrade(&mut out, protocol.clone());
+    }
+    out
+}
+
+/// The extra header names a `Connection` header lists (usually none: it says only
+/// `keep-alive`, `close` or `upgrade`, which are not header names to remove).
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
     fn extra(token: &str) -> bool {
         let t = token.trim();
         !t.is_empty() && !["keep-alive", "close", "upgrade"].iter().any(|k| t.eq_ignore_ascii_case(k))
     }
-    let tokens = |headers: &HeaderMap| -> Vec<HeaderName> {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter(|t| extra(t))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect()
-    };
-    let any_extra =
-        headers.get_all(header::CONNECTION).iter().filter_map(|v| v.to_str().ok()).any(|v| v.split(',').any(extra));
-    if any_extra {
-        for name in tokens(headers) {
-            headers.remove(name);
-        }
+    let values = || headers.get_all(header::CONNECTION).into_iter().filter_map(|v| v.to_str().ok());
+    if !values().any(|v| v.split(',').any(extra)) {
+        return Vec::new();
     }
-}
-
-/// Adds `X-Forwarded-For` (appending the client), `-Proto` and `-Host`; keeps the
-/// client's `Host` (and sets it from the `:authority` of an HTTP/2 request).
-pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, authority: Option<&str>) {
-    // Room for these three and `X-Request-Id` up front: one growth of the map, not several.
-    headers.reserve(4);
-    match headers.entry(X_FORWARDED_FOR) {
-        Entry::Vacant(e) => {
-            e.insert(client.clone());
-        }
-        Entry::Occupied(mut e) => {
-            // Earlier proxies may have sent several lines: keep them all, in order.
-            let mut joined = Vec::new();
-            for v in e.iter().chain(std::iter::once(client)) {
-                if !joined.is_empty() {
-                    joined.extend_from_slice(b", ");
-                }
-                joined.extend_from_slice(v.as_bytes());
-            }
-            if let Ok(v) = HeaderValue::from_bytes(&joined) {
-                e.insert(v);
-            }
-        }
-    }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    let host = match headers.get(header::HOST) {
-        Some(h) => Some(h.clone()),
-        None => match authority.and_then(|a| HeaderValue::from_str(a).ok()) {
-            Some(h) => {
-                headers.insert(header::HOST, h.clone());
-                Some(h)
-            }
-            None => None,
-        },
-    };
-    if let Some(host) = host {
-        headers.insert(X_FORWARDED_HOST, host);
-    }
+    values()
+        .flat_map(|v| v.split(','))
+        .filter(|t| extra(t))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect()
 }
 
 /// The protocol a client asks to upgrade to (`Connection: upgrade` + `Upgrade: X`).
@@ -168,15 +195,63 @@ mod tests {
         assert!(h.contains_key("x-keep"));
     }
 
+    fn forwarding<'a>(ip: &'a HeaderValue, id: &'a HeaderValue) -> Forwarding<'a> {
+        Forwarding { client_ip: ip, authority: None, request_id: id, upgrade: None }
+    }
+
     #[test]
-    fn forwarded_for_appends_and_host_comes_from_authority() {
-        let mut h = HeaderMap::new();
-        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.1"));
-        add_forwarded(&mut h, &ip_value("127.0.0.1".parse().unwrap()), Some("shop.example:8080"));
-        assert_eq!(h[&X_FORWARDED_FOR], "198.51.100.1, 127.0.0.1");
-        assert_eq!(h[&X_FORWARDED_PROTO], "http");
-        assert_eq!(h[header::HOST], "shop.example:8080");
-        assert_eq!(h[&X_FORWARDED_HOST], "shop.example:8080");
+    fn backend_headers_drop_hop_by_hop_and_add_forwarding() {
+        let mut client = HeaderMap::new();
+        client.insert(header::HOST, HeaderValue::from_static("shop.example"));
+        client.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret"));
+        client.insert("x-secret", HeaderValue::from_static("1"));
+        client.insert(header::TE, HeaderValue::from_static("trailers"));
+        client.append("x-keep", HeaderValue::from_static("a"));
+        client.append("x-keep", HeaderValue::from_static("b"));
+        let (ip, id) = (ip_value("127.0.0.1".parse().unwrap()), HeaderValue::from_static("0123"));
+        let out = for_backend(&client, &forwarding(&ip, &id), || unreachable!("the client sent a Host"));
+        assert_eq!(out[header::HOST], "shop.example");
+        assert_eq!(out[&X_FORWARDED_HOST], "shop.example");
+        assert_eq!(out[&X_FORWARDED_FOR], "127.0.0.1");
+        assert_eq!(out[&X_FORWARDED_PROTO], "http");
+        assert_eq!(out[&X_REQUEST_ID], "0123");
+        assert_eq!(out.get_all("x-keep").iter().collect::<Vec<_>>(), ["a", "b"]);
+        for gone in [header::CONNECTION, header::TE, HeaderName::from_static("x-secret")] {
+            assert!(!out.contains_key(&gone), "{gone} forwarded");
+        }
+        assert_eq!(client.len(), 6, "the client's headers are left as they came");
+    }
+
+    #[test]
+    fn forwarded_for_keeps_every_earlier_line_and_the_clients_request_id() {
+        let mut client = HeaderMap::new();
+        client.append(X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.1"));
+        client.append(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
+        client.insert(X_REQUEST_ID, HeaderValue::from_static("from-client"));
+        let (ip, id) = (ip_value("127.0.0.1".parse().unwrap()), HeaderValue::from_static("ours"));
+        let authority = HeaderValue::from_static("shop.example:8080");
+        let fwd = Forwarding { authority: Some(&authority), ..forwarding(&ip, &id) };
+        let out = for_backend(&client, &fwd, || unreachable!("HTTP/2 authority comes first"));
+        assert_eq!(out.get_all(&X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(out[&X_FORWARDED_FOR], "198.51.100.1, 203.0.113.7, 127.0.0.1");
+        assert_eq!(out[&X_REQUEST_ID], "from-client");
+        assert_eq!(out[header::HOST], "shop.example:8080");
+        assert_eq!(out[&X_FORWARDED_HOST], "shop.example:8080");
+    }
+
+    #[test]
+    fn an_http_1_0_request_without_host_gets_the_backends_and_upgrades_keep_their_headers() {
+        let mut client = HeaderMap::new();
+        client.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        client.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        let (ip, id) = (ip_value("::1".parse().unwrap()), HeaderValue::from_static("1"));
+        let ws = HeaderValue::from_static("websocket");
+        let fwd = Forwarding { upgrade: Some(&ws), ..forwarding(&ip, &id) };
+        let out = for_backend(&client, &fwd, || HeaderValue::from_static("127.0.0.1:9001"));
+        assert_eq!(out[header::HOST], "127.0.0.1:9001");
+        assert_eq!(out[&X_FORWARDED_FOR], "::1");
+        assert_eq!(out[header::CONNECTION], "upgrade");
+        assert_eq!(out[header::UPGRADE], "websocket");
     }
 
     #[test]
@@ -185,18 +260,6 @@ mod tests {
             assert_eq!(hop_by_hop_index(name), Some(i), "{name}");
         }
         assert_eq!(hop_by_hop_index(&header::CONTENT_LENGTH), None);
-    }
-
-    #[test]
-    fn forwarded_for_keeps_every_earlier_line() {
-        let mut h = HeaderMap::new();
-        h.append(X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.1"));
-        h.append(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
-        h.insert(header::HOST, HeaderValue::from_static("shop.example"));
-        add_forwarded(&mut h, &ip_value("127.0.0.1".parse().unwrap()), None);
-        assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
-        assert_eq!(h[&X_FORWARDED_FOR], "198.51.100.1, 203.0.113.7, 127.0.0.1");
-        assert_eq!(h[&X_FORWARDED_HOST], "shop.example");
     }
 
     #[test]

@@ -105,20 +105,19 @@ impl Proxy {
         outcome: &mut Outcome<'_>,
     ) -> Response<ResponseBody> {
         let (mut parts, incoming) = req.into_parts();
-        let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
+        let authority = parts.uri.authority().and_then(|a| header::HeaderValue::from_str(a.as_str()).ok());
         // WebSocket and other HTTP/1.1 upgrades: keep the upgrade headers for the
         // backend, and take the client side of the connection for the tunnel.
         let upgrade = headers::upgrade_protocol(&parts.headers);
         let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
-        headers::remove_hop_by_hop(&mut parts.headers);
-        if let Some(protocol) = &upgrade {
-            headers::set_upgrade(&mut parts.headers, protocol.clone());
-        }
-        headers::add_forwarded(&mut parts.headers, &conn.ip, authority.as_deref());
+        let request_id = request_id();
+        let forwarding = headers::Forwarding {
+            client_ip: &conn.ip,
+            authority: authority.as_ref(),
+            request_id: &request_id,
+            upgrade: upgrade.as_ref(),
+        };
         let peer = conn.peer;
-        parts.headers.entry(headers::X_REQUEST_ID).or_insert_with(request_id);
-        // Only an HTTP/1.0 client can leave us with no `Host`; HTTP/1.1 backends need one.
-        let has_host = parts.headers.contains_key(header::HOST);
         let body =
             if incoming.is_end_stream() { RequestBody::Empty } else { RequestBody::Stream(Replayable::new(incoming)) };
         let idempotent = is_idempotent(&parts.method);
@@ -134,8 +133,10 @@ impl Proxy {
                     outcome.fallback |= fallback;
                     (index, response_headers)
                 }
-                Choice::Reject(status, text) => {
-                    return plain(StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), text);
+                Choice::Reject { status, text, response_headers } => {
+                    let mut resp = plain(StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), text);
+                    add_headers(resp.headers_mut(), response_headers);
+                    return resp;
                 }
                 Choice::NoBackend => break,
             };
@@ -145,16 +146,14 @@ impl Proxy {
             outcome.backend = Some(entry.addr);
             tried.push(index as u32);
 
+            // Built afresh for each attempt from the client's headers, which stay as
+            // they came (what a plugin reads, and what a retry starts from).
             let mut attempt = Request::new(body.attempt());
             *attempt.method_mut() = parts.method.clone();
             *attempt.uri_mut() = target.clone();
-            *attempt.headers_mut() = parts.headers.clone();
-            if !has_host {
-                attempt.headers_mut().insert(
-                    header::HOST,
-                    header::HeaderValue::from_str(entry.authority.as_str()).expect("valid authority"),
-                );
-            }
+            *attempt.headers_mut() = headers::for_backend(&parts.headers, &forwarding, || {
+                header::HeaderValue::from_str(entry.authority.as_str()).expect("valid authority")
+            });
 
             let guard = BackendStats::start(entry);
             let sent = Instant::now();
@@ -304,12 +303,17 @@ fn finish(
 ) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
+    add_headers(&mut parts.headers, extra);
+    Response::from_parts(parts, ResponseBody::Upstream { body, guard: Some(guard), conn: Some(conn) })
+}
+
+/// Adds a plugin's response headers; names or values that are not valid HTTP are skipped.
+fn add_headers(headers: &mut http::HeaderMap, extra: Vec<(String, String)>) {
     for (name, value) in extra {
         if let (Ok(n), Ok(v)) = (header::HeaderName::try_from(name), header::HeaderValue::try_from(value)) {
-            parts.headers.append(n, v);
+            headers.append(n, v);
         }
     }
-    Response::from_parts(parts, ResponseBody::Upstream { body, guard: Some(guard), conn: Some(conn) })
 }
 
 /// A plain-text response written by the gateway.

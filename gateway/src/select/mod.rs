@@ -20,8 +20,15 @@ pub enum Choice {
         /// The plugin failed and the fallback chose.
         fallback: bool,
     },
-    /// The plugin answered for the backend.
-    Reject(u16, String),
+    /// The plugin answers the client itself.
+    Reject {
+        /// HTTP status.
+        status: u16,
+        /// Body text.
+        text: String,
+        /// Headers for the client's response.
+        response_headers: Vec<(String, String)>,
+    },
     /// No healthy backend left to try.
     NoBackend,
 }
@@ -82,7 +89,7 @@ impl Selector {
                     );
                     self.fallback(pool, exclude)
                 }
-                Target::Reject(status, body) => Choice::Reject(status, body),
+                Target::Reject(status, text) => Choice::Reject { status, text, response_headers: d.response_headers },
             },
             Err(e) => {
                 self.failed(e.kind, &e.message);
