@@ -161,3 +161,32 @@ fn get_is_retried_after_a_500_but_post_is_not() {
     );
     assert_eq!(statuses.iter().filter(|&&s| s == 500).count(), to_bad, "statuses {statuses:?}");
 }
+
+#[test]
+fn a_backend_that_does_not_answer_in_time_is_retried_for_get_and_alone_gets_504() {
+    let dir = TempDir::new();
+    // Answers after 3 s; the gateway waits 300 ms for response headers. `/healthz` is fast,
+    // so health checks keep it in the pool: only the request timeout is at work.
+    let stuck = Backend::slow("backend-stuck", Duration::from_secs(3));
+    let good = Backend::new("backend-good");
+    let extra = "    passive:\n      consecutive_failures: 0\n    timeouts:\n      response_header: 300ms\n";
+    let gw = start(&dir, &config(&[&stuck, &good], extra));
+
+    for i in 0..4 {
+        let started = Instant::now();
+        let (status, body) = get(gw.addr, &format!("/get/{i}"));
+        assert_eq!((status, body.as_str()), (200, "backend-good"), "GET {i} was not retried on the good backend");
+        assert!(started.elapsed() < Duration::from_secs(2), "GET {i} waited for the stuck backend");
+    }
+    assert!(!stuck.hits().is_empty(), "round robin never sent a GET to the stuck backend");
+
+    // With the stuck backend alone, the client gets a 504 that says what happened.
+    let alone = TempDir::new();
+    let gw = start(&alone, &config(&[&stuck], extra));
+    let started = Instant::now();
+    let (status, body) = get(gw.addr, "/alone");
+    let waited = started.elapsed();
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("no response headers within 300ms"), "{body}");
+    assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(2), "answered after {waited:?}");
+}

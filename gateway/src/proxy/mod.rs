@@ -133,6 +133,10 @@ impl Proxy {
                     outcome.fallback |= fallback;
                     (index, response_headers)
                 }
+                // On a retry a rejection means "nothing left to try" (the SDK's
+                // `no_backend()` is a 503): the client is better told what went wrong
+                // with the backend that was tried.
+                Choice::Reject { .. } if last_error.is_some() => break,
                 Choice::Reject { status, text, response_headers } => {
                     let mut resp = plain(StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), text);
                     add_headers(resp.headers_mut(), response_headers);
