@@ -154,7 +154,10 @@ fn worker(gw: Arc<Gateway>, listeners: Vec<std::net::TcpListener>, stop: Cancell
         // One Arc per request instead of cloning the gateway and the pool separately.
         let worker = Arc::new((gw.clone(), conns));
         let graceful = GracefulShutdown::new();
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // One buffer, one `write`: a small response's head and body go out together
+        // instead of as a two-part `writev`.
+        builder.http1().writev(false);
         let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel();
         for listener in listeners {
             let listener = match tokio::net::TcpListener::from_std(listener) {
