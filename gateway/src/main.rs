@@ -6,8 +6,9 @@ use std::process::ExitCode;
 
 mod commands;
 
-// glibc's malloc spent ~4k instructions per proxied request (~15 allocations); mimalloc's
-// thread-local free lists cost a fraction of that. Measured: see MEASUREMENTS.md.
+// glibc's malloc took ~4k of the ~43k instructions a proxied request cost (callgrind, ~15
+// allocations); with mimalloc's thread-local free lists the gateway spent ~25% less user
+// CPU per request (README, Performance).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
