@@ -8,23 +8,28 @@ use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 use util::Gateway;
 
-/// A backend that accepts `Upgrade: echo` and then echoes every byte.
+/// A backend that accepts `Upgrade: echo` and then echoes every byte. Connections that
+/// close without a request (the gateway's TCP health checks) are skipped.
 fn echo_backend() -> (std::net::SocketAddr, std::thread::JoinHandle<String>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let handle = std::thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut head = String::new();
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
-                break;
+        let (mut stream, mut reader, head) = loop {
+            let (stream, _) = listener.accept().unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut head = String::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                head.push_str(&line);
             }
-            head.push_str(&line);
-        }
-        let mut stream = stream;
+            if !head.is_empty() {
+                break (stream, reader, head);
+            }
+        };
         stream.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n").unwrap();
         let mut buf = [0u8; 1024];
         loop {
