@@ -419,6 +419,11 @@ impl PluginHost {
             .component_type()
             .imports(&self.engine)
             .all(|(name, _)| name.starts_with("wasi:") || name.starts_with("gateway:selector/"));
+        let ty = component.component_type();
+        let names = ty.imports(&self.engine).map(|(n, _)| n).chain(ty.exports(&self.engine).map(|(n, _)| n));
+        if let Some(reason) = other_version(names) {
+            return Err(wrong_world(wasmtime::Error::msg(reason)));
+        }
         if !only_wasi_unknown {
             let unknown: Vec<_> = component
                 .component_type()
@@ -515,6 +520,43 @@ fn describe(engine: &Engine, component: &Component) -> String {
     format!("imports {imports} and exports {exports}")
 }
 
+/// Says so when a component speaks another version of our WIT package (e.g. built for
+/// `gateway:selector@0.1.0`), which would otherwise only show as a missing export.
+fn other_version<'a>(names: impl Iterator<Item = &'a str>) -> Option<String> {
+    let ours = WORLD.rsplit_once('@').map(|(_, v)| v)?;
+    let mut theirs: Vec<&str> = names
+        .filter_map(|n| n.strip_prefix("gateway:selector/")?.rsplit_once('@').map(|(_, v)| v))
+        .filter(|v| *v != ours)
+        .collect();
+    theirs.sort_unstable();
+    theirs.dedup();
+    (!theirs.is_empty()).then(|| {
+        format!(
+            "it was built for gateway:selector@{}, and this gateway speaks @{ours}; rebuild it against this \
+             gateway's wit/ (`gateway plugin new` writes a project with it) or the gateway-sdk of this version",
+            theirs.join(" and @")
+        )
+    })
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_component_of_another_version_of_the_world_is_named_as_such() {
+        let old = ["gateway:selector/types@0.1.0", "gateway:selector/host@0.1.0", "gateway:selector/policy@0.1.0"];
+        let reason = other_version(old.into_iter()).expect("0.1.0 is not this gateway's version");
+        assert!(
+            reason.starts_with("it was built for gateway:selector@0.1.0, and this gateway speaks @0.2.0"),
+            "{reason}"
+        );
+        let current = [IMPORT, EXPORT, "gateway:selector/types@0.2.0", "wasi:io/streams@0.2.6"];
+        assert_eq!(other_version(current.into_iter()), None);
+        assert_eq!(other_version(["other:thing/greeter@1.0.0"].into_iter()), None, "not ours: another message");
+    }
 }
