@@ -74,6 +74,7 @@ mod imp {
                 active_requests: 0,
                 ewma_latency_us: 0,
                 consecutive_failures: 0,
+                measured_at_ms: 0,
             })
         })
     }

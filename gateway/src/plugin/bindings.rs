@@ -114,8 +114,11 @@ impl gen_::gateway::selector::host::Host for HostState {
                 active_requests: m.entry.stats.active(),
                 ewma_latency_us: m.entry.stats.ewma_latency_us(),
                 consecutive_failures: m.entry.stats.consecutive_failures(),
+                measured_at_ms: m.entry.stats.measured_at_ms(),
             },
-            None => WitBackendStats { active_requests: 0, ewma_latency_us: 0, consecutive_failures: 0 },
+            None => {
+                WitBackendStats { active_requests: 0, ewma_latency_us: 0, consecutive_failures: 0, measured_at_ms: 0 }
+            }
         }
     }
 

@@ -74,6 +74,15 @@ impl BackendStats {
         self.ewma_latency_us.load(Relaxed)
     }
 
+    /// When the latency average last got a sample, in ms since the Unix epoch (0: never).
+    /// No clock is read: the sample time is kept relative to a fixed epoch.
+    pub fn measured_at_ms(&self) -> u64 {
+        match self.last_sample_us.load(Relaxed) {
+            0 => 0,
+            us => epoch_pair().1 + us / 1_000,
+        }
+    }
+
     /// Current failure streak.
     pub fn consecutive_failures(&self) -> u32 {
         self.consecutive_failures.load(Relaxed)
@@ -92,8 +101,16 @@ impl BackendStats {
 
 /// A fixed instant for the process, so timestamps fit in an atomic.
 fn epoch() -> std::time::Instant {
-    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    *EPOCH.get_or_init(std::time::Instant::now)
+    epoch_pair().0
+}
+
+/// The process's stats epoch, and the same moment in ms since the Unix epoch.
+fn epoch_pair() -> (std::time::Instant, u64) {
+    static EPOCH: std::sync::OnceLock<(std::time::Instant, u64)> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(|| {
+        let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        (std::time::Instant::now(), unix.as_millis() as u64)
+    })
 }
 
 #[cfg(test)]

@@ -158,7 +158,7 @@ mod tests {
     fn set_active(index: u32, active: u32) {
         host::set_backend_stats(
             index,
-            BackendStats { active_requests: active, ewma_latency_us: 0, consecutive_failures: 0 },
+            BackendStats { active_requests: active, ewma_latency_us: 0, consecutive_failures: 0, measured_at_ms: 0 },
         );
     }
 

@@ -76,9 +76,21 @@ impl P2cEwma {
             us => f64::from(us),
         };
         let now = *now_ms.get_or_insert_with(host::now_ms);
+        // When the host took the measurement, not when this instance noticed it: with an
+        // instance per worker thread, one may see another's probe of a shunned backend
+        // long after it happened, and must not treat that old value as new.
+        let measured_at = match stats.measured_at_ms {
+            0 => now,
+            at => at.min(now),
+        };
         let peak = &mut self.peaks[index as usize];
         if !peak.seen {
-            *peak = Peak { latency_us: measured, last_measured: stats.ewma_latency_us, observed_ms: now, seen: true };
+            *peak = Peak {
+                latency_us: measured,
+                last_measured: stats.ewma_latency_us,
+                observed_ms: measured_at,
+                seen: true,
+            };
         } else if stats.ewma_latency_us != peak.last_measured {
             // A new measurement (responses arrived). Peak-EWMA: a rise is taken at once;
             // a fall is blended in with the weight the time since the last measurement
@@ -86,11 +98,11 @@ impl P2cEwma {
             if measured >= peak.latency_us {
                 peak.latency_us = measured;
             } else {
-                let keep = (-(now.saturating_sub(peak.observed_ms) as f64) / self.decay_ms).exp();
+                let keep = (-(measured_at.saturating_sub(peak.observed_ms) as f64) / self.decay_ms).exp();
                 peak.latency_us = peak.latency_us * keep + measured * (1.0 - keep);
             }
             peak.last_measured = stats.ewma_latency_us;
-            peak.observed_ms = now;
+            peak.observed_ms = measured_at;
         }
         // A backend that gets no traffic is never measured again, so a latency spike
         // would shun it for good. As Linkerd does, let an unobserved estimate fade
@@ -189,7 +201,12 @@ mod tests {
     fn set(index: u32, active: u32, latency_us: u32) {
         host::set_backend_stats(
             index,
-            BackendStats { active_requests: active, ewma_latency_us: latency_us, consecutive_failures: 0 },
+            BackendStats {
+                active_requests: active,
+                ewma_latency_us: latency_us,
+                consecutive_failures: 0,
+                measured_at_ms: 0,
+            },
         );
     }
 
@@ -397,7 +414,8 @@ mod recovery {
             })
             .collect();
         s.pool_changed(1, backends);
-        let stats = |lat| BackendStats { active_requests: 0, ewma_latency_us: lat, consecutive_failures: 0 };
+        let stats =
+            |lat| BackendStats { active_requests: 0, ewma_latency_us: lat, consecutive_failures: 0, measured_at_ms: 0 };
         host::set_now_ms(1_000);
         host::set_backend_stats(0, stats(5_000));
         host::set_backend_stats(1, stats(300));
@@ -416,5 +434,42 @@ mod recovery {
         };
         assert_eq!(count(&mut s, 1_000), 0, "slow: shunned");
         assert!(count(&mut s, 3_000) > 0, "2 s (10 decay periods) unmeasured: probed again");
+    }
+
+    #[test]
+    fn a_measurement_noticed_late_is_dated_by_when_the_host_took_it() {
+        host::reset();
+        let mut s = P2cEwma::default();
+        s.configure(r#"{"decay_ms": 200}"#).unwrap();
+        let backends = (0..3)
+            .map(|i| Backend {
+                id: format!("b{i}"),
+                address: String::new(),
+                weight: 1,
+                zone: String::new(),
+                labels: vec![],
+                healthy: true,
+            })
+            .collect();
+        s.pool_changed(1, backends);
+        let stats = |lat, at| BackendStats {
+            active_requests: 0,
+            ewma_latency_us: lat,
+            consecutive_failures: 0,
+            measured_at_ms: at,
+        };
+        // Backend 0 answered slowly at t = 1 s (another worker's probe); this instance
+        // looks at it first at t = 3 s, 10 decay periods later: the old value has faded.
+        host::set_now_ms(3_000);
+        host::set_backend_stats(0, stats(5_000, 1_000));
+        host::set_backend_stats(1, stats(300, 2_999));
+        host::set_backend_stats(2, stats(310, 2_999));
+        let req = TestRequest::new();
+        let to_0 = (0..60).filter(|_| s.pick(&req, &[]).backend_index() == Some(0)).count();
+        assert!(to_0 >= 20, "an old slow measurement shunned the backend: {to_0} of 60");
+        // The same value measured just now shuns it.
+        host::set_backend_stats(0, stats(5_001, 3_000));
+        let to_0 = (0..60).filter(|_| s.pick(&req, &[]).backend_index() == Some(0)).count();
+        assert_eq!(to_0, 0, "a fresh slow measurement must shun it");
     }
 }
