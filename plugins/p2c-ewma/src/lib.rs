@@ -191,7 +191,7 @@ mod tests {
         }
     }
 
-    fn strategy(n: usize, params: &str) -> P2cEwma {
+    pub(super) fn strategy(n: usize, params: &str) -> P2cEwma {
         let mut s = P2cEwma::default();
         s.configure(params).unwrap();
         s.pool_changed(1, (0..n).map(|i| backend(i, true)).collect());
@@ -398,24 +398,16 @@ mod recovery {
     use super::*;
     use gateway_sdk::{BackendStats, TestRequest};
 
+    /// An idle backend's stats: average latency `lat` µs, measured at `at` ms (0: unknown).
+    fn stats(lat: u32, at: u64) -> BackendStats {
+        BackendStats { active_requests: 0, ewma_latency_us: lat, consecutive_failures: 0, measured_at_ms: at }
+    }
+
     #[test]
     fn an_unmeasured_slow_backend_is_probed_again() {
         host::reset();
-        let mut s = P2cEwma::default();
-        s.configure(r#"{"decay_ms": 200}"#).unwrap();
-        let backends = (0..3)
-            .map(|i| Backend {
-                id: format!("b{i}"),
-                address: String::new(),
-                weight: 1,
-                zone: String::new(),
-                labels: vec![],
-                healthy: true,
-            })
-            .collect();
-        s.pool_changed(1, backends);
-        let stats =
-            |lat| BackendStats { active_requests: 0, ewma_latency_us: lat, consecutive_failures: 0, measured_at_ms: 0 };
+        let mut s = super::tests::strategy(3, r#"{"decay_ms": 200}"#);
+        let stats = |lat| stats(lat, 0);
         host::set_now_ms(1_000);
         host::set_backend_stats(0, stats(5_000));
         host::set_backend_stats(1, stats(300));
@@ -439,25 +431,7 @@ mod recovery {
     #[test]
     fn a_measurement_noticed_late_is_dated_by_when_the_host_took_it() {
         host::reset();
-        let mut s = P2cEwma::default();
-        s.configure(r#"{"decay_ms": 200}"#).unwrap();
-        let backends = (0..3)
-            .map(|i| Backend {
-                id: format!("b{i}"),
-                address: String::new(),
-                weight: 1,
-                zone: String::new(),
-                labels: vec![],
-                healthy: true,
-            })
-            .collect();
-        s.pool_changed(1, backends);
-        let stats = |lat, at| BackendStats {
-            active_requests: 0,
-            ewma_latency_us: lat,
-            consecutive_failures: 0,
-            measured_at_ms: at,
-        };
+        let mut s = super::tests::strategy(3, r#"{"decay_ms": 200}"#);
         // Backend 0 answered slowly at t = 1 s (another worker's probe); this instance
         // looks at it first at t = 3 s, 10 decay periods later: the old value has faded.
         host::set_now_ms(3_000);
