@@ -5,6 +5,9 @@
 //! - `GET /api/upstreams` → every upstream, its plugin and its backends with live stats
 //! - `GET /api/plugins` → every plugin loaded: origin, hash, load time, last error
 //! - `POST /api/upstreams/{upstream}/backends/{id}/drain` (and `/undrain`)
+//! - [`pprof::profile`]: `GET /debug/pprof/profile` (CPU profile on demand)
+
+pub mod pprof;
 
 use crate::gateway::Gateway;
 use crate::proxy::{ResponseBody, plain};
