@@ -117,5 +117,6 @@ async fn send(source: IpAddr, gateway: SocketAddr, req: Request<Full<Bytes>>) ->
         headers: parts.headers,
         version: parts.version,
         body: String::from_utf8_lossy(&body).into_owned(),
+        raw: body,
     })
 }

@@ -28,6 +28,8 @@ pub struct Reply {
     pub version: Version,
     /// Body, as (lossy) UTF-8.
     pub body: String,
+    /// Body, as received (for binary answers).
+    pub raw: Bytes,
 }
 
 impl Reply {
@@ -78,6 +80,7 @@ async fn into_reply(resp: Response<Incoming>) -> Result<Reply, String> {
         headers: parts.headers,
         version: parts.version,
         body: String::from_utf8_lossy(&body).into_owned(),
+        raw: body,
     })
 }
 
