@@ -82,14 +82,14 @@ fn a_profile_under_load_names_the_gateways_functions() {
     assert_eq!(get(gw.addr, "/").0, 200, "the gateway proxies before the profile");
 
     let load = Load::start(gw.addr, 2);
-    let reply = request(admin, "GET", "/debug/pprof/profile?seconds=2", None)
+    let reply = request(admin, "GET", "/debug/pprof/profile?seconds=2&frequency=499", None)
         .unwrap_or_else(|e| panic!("GET /debug/pprof/profile: {e}"));
     let sent = load.finish();
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(reply.header("content-type"), "application/octet-stream");
     assert_eq!(reply.header("content-disposition"), "attachment; filename=\"gateway-cpu.pb\"");
 
-    let profile = pprof::protos::Profile::parse_from_bytes(&reply.raw)
+    let profile = pprof::protos::Profile::decode(reply.raw.clone())
         .unwrap_or_else(|e| panic!("the answer is not a pprof protobuf ({} bytes): {e}", reply.raw.len()));
     let strings = &profile.string_table;
     let name = |i: i64| strings.get(i as usize).map(String::as_str).unwrap_or("?");

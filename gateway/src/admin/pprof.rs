@@ -125,7 +125,7 @@ fn encode(report: &pprof::Report, params: Params) -> Result<Vec<u8>, String> {
         Format::Protobuf => {
             use pprof::protos::Message as _;
             let profile = report.pprof().map_err(|e| format!("encoding the profile: {e}"))?;
-            profile.write_to_bytes().map_err(|e| format!("encoding the profile: {e}"))
+            Ok(profile.encode_to_vec())
         }
         Format::Svg => {
             let mut options = pprof::flamegraph::Options::default();
