@@ -20,6 +20,7 @@
 //! handler, can deadlock on the unwinder's or the loader's locks), so time in syscall
 //! wrappers — the kernel's TCP work — is not in the profile; `perf` shows it.
 
+use super::{AdminResponse, error};
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
 use http_body_util::Full;
@@ -59,10 +60,10 @@ struct Params {
 /// `GET /debug/pprof/profile?QUERY`: samples the CPU for `seconds`, then answers the
 /// profile. `query` is the raw query string (without `?`). Call it after the admin
 /// token check: a profile shows where the process spends its time.
-pub async fn profile(query: &str) -> Response<Full<Bytes>> {
+pub async fn profile(query: &str) -> AdminResponse {
     let params = match parse(query) {
         Ok(p) => p,
-        Err(msg) => return error(StatusCode::BAD_REQUEST, &msg),
+        Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
     };
     let Some(busy) = Busy::claim() else {
         return error(
@@ -73,7 +74,7 @@ pub async fn profile(query: &str) -> Response<Full<Bytes>> {
     let guard =
         match pprof::ProfilerGuardBuilder::default().frequency(params.frequency as i32).blocklist(BLOCKLIST).build() {
             Ok(g) => g,
-            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot start the CPU profiler: {e}")),
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot start the CPU profiler: {e}")),
         };
     tracing::info!(seconds = params.seconds, frequency = params.frequency, "CPU profile started");
     let started = Instant::now();
@@ -100,6 +101,7 @@ pub async fn profile(query: &str) -> Response<Full<Bytes>> {
             );
             let mut resp = Response::new(Full::new(Bytes::from(body)));
             let headers = resp.headers_mut();
+            headers.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
             match params.format {
                 Format::Svg => {
                     headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("image/svg+xml"));
@@ -114,8 +116,8 @@ pub async fn profile(query: &str) -> Response<Full<Bytes>> {
             }
             resp
         }
-        Ok(Err(msg)) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("CPU profile failed: {msg}")),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("CPU profile failed: {e}")),
+        Ok(Err(msg)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("CPU profile failed: {msg}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("CPU profile failed: {e}")),
     }
 }
 
@@ -185,15 +187,6 @@ impl Drop for Busy {
     fn drop(&mut self) {
         RUNNING.store(false, Ordering::Release);
     }
-}
-
-/// `{"error": msg}` with `status`.
-fn error(status: StatusCode, msg: &str) -> Response<Full<Bytes>> {
-    let body = format!("{}\n", serde_json::json!({ "error": msg }));
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
-    resp
 }
 
 #[cfg(test)]
