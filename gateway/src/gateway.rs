@@ -36,7 +36,7 @@ impl Gateway {
         }
         let router = Router::new(&config.effective_routes(), &by_name);
         let (reporter, receiver) = Reporter::new();
-        let proxy = Proxy { router, reporter, access_log: config.access_log };
+        let proxy = Proxy { router, reporter, access_log: config.access_log.enabled };
         Ok((Arc::new(Gateway { proxy, upstreams, plugins, config }), receiver))
     }
 
