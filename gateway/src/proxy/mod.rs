@@ -6,6 +6,7 @@
 mod body;
 mod conns;
 mod headers;
+pub mod trace;
 
 pub use body::{RequestBody, ResponseBody};
 pub use conns::Conns;
@@ -111,11 +112,13 @@ impl Proxy {
         let upgrade = headers::upgrade_protocol(&parts.headers);
         let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
         let request_id = request_id();
+        let trace = trace::Trace::from_client(&parts.headers);
         let forwarding = headers::Forwarding {
             client_ip: &conn.ip,
             authority: authority.as_ref(),
             request_id: &request_id,
             upgrade: upgrade.as_ref(),
+            trace: &trace,
         };
         let peer = conn.peer;
         let body =
