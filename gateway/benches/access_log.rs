@@ -3,6 +3,9 @@
 //! writing to /dev/null). Target: well under 1 µs per line.
 //!
 //! `cargo bench -p gateway --bench access_log`
+//!
+//! Criterion measures wall time, which on a shared machine includes waiting for a core;
+//! each case also prints the CPU time its thread spent per line (`/proc/thread-self/schedstat`).
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use gateway::access_log::{AccessLog, Entry};
@@ -42,12 +45,28 @@ fn record(c: &mut Criterion) {
         };
         // The clock as a worker reads it per request, and the line.
         group.bench_function(name, |b| b.iter(|| log.record(&Entry { time: SystemTime::now(), ..entry.clone() })));
+        if let Some(cpu) = cpu_per_line(&log, &entry) {
+            eprintln!("{name}: {cpu:.0?} of CPU per line on this thread");
+        }
         log.flush_local();
         log.flush_all();
         // On a busy machine the writer thread may be descheduled long enough to drop.
         eprintln!("{name}: {} lines written, {} dropped", log.lines(), log.dropped_lines());
     }
     group.finish();
+}
+
+/// On-CPU time of this thread per `record`, over a million lines (Linux only).
+fn cpu_per_line(log: &AccessLog, entry: &Entry<'_>) -> Option<Duration> {
+    let on_cpu = || -> Option<u64> {
+        std::fs::read_to_string("/proc/thread-self/schedstat").ok()?.split_whitespace().next()?.parse().ok()
+    };
+    const N: u32 = 1_000_000;
+    let before = on_cpu()?;
+    for _ in 0..N {
+        log.record(&Entry { time: SystemTime::now(), ..entry.clone() });
+    }
+    Some(Duration::from_nanos(on_cpu()? - before) / N)
 }
 
 criterion_group!(benches, record);

@@ -29,10 +29,15 @@ use tokio_util::sync::CancellationToken;
 
 /// A thread's buffer is handed to the writer once it holds this much.
 const BATCH: usize = 32 * 1024;
-/// Batches that may wait for the writer (at most ~1 MiB); more are dropped.
-const QUEUE: usize = 32;
+/// Batches that may wait for the writer (at most ~2 MiB, some 100 ms of a busy
+/// gateway's lines); more are dropped.
+const QUEUE: usize = 64;
 /// Empty buffers kept for reuse by the workers.
 const SPARE: usize = QUEUE + 8;
+/// The writer's nap between polls while lines keep coming, and how long it polls
+/// without getting any before it parks.
+const POLL: Duration = Duration::from_millis(2);
+const POLL_IDLE: Duration = Duration::from_millis(50);
 /// How long [`AccessLog::flush_all`] and drop wait for the writer.
 const FLUSH_WAIT: Duration = Duration::from_secs(2);
 
@@ -390,26 +395,52 @@ struct Writer {
 }
 
 impl Writer {
+    /// Writes batches as they come. While lines keep coming it naps between polls
+    /// instead of parking on the channel: a worker's send then finds no one to wake, so a
+    /// busy gateway pays no wake-up syscall per batch. Idle for 50 ms, it parks.
     fn run(mut self, rx: Receiver<Msg>) {
         while let Ok(msg) = rx.recv() {
-            match msg {
-                Msg::Batch(mut buf, lines) => {
-                    self.reopen_if_asked();
-                    self.write(&buf, lines);
-                    buf.clear();
-                    if let Ok(mut spare) = self.shared.spare.lock()
-                        && spare.len() < SPARE
-                    {
-                        spare.push(buf);
+            if !self.handle(msg) {
+                return;
+            }
+            let mut last = Instant::now();
+            loop {
+                match rx.try_recv() {
+                    Ok(msg) => {
+                        if !self.handle(msg) {
+                            return;
+                        }
+                        last = Instant::now();
                     }
+                    Err(mpsc::TryRecvError::Empty) if last.elapsed() < POLL_IDLE => std::thread::sleep(POLL),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => return,
                 }
-                Msg::Reopen => self.reopen_if_asked(),
-                Msg::Flush(reply) => {
-                    let _ = reply.try_send(());
-                }
-                Msg::Stop => return,
             }
         }
+    }
+
+    /// Handles one message; false on `Stop`.
+    fn handle(&mut self, msg: Msg) -> bool {
+        match msg {
+            Msg::Batch(mut buf, lines) => {
+                self.reopen_if_asked();
+                self.write(&buf, lines);
+                buf.clear();
+                // A contended lock is not worth waiting for: the buffer is only memory.
+                if let Ok(mut spare) = self.shared.spare.try_lock()
+                    && spare.len() < SPARE
+                {
+                    spare.push(buf);
+                }
+            }
+            Msg::Reopen => self.reopen_if_asked(),
+            Msg::Flush(reply) => {
+                let _ = reply.try_send(());
+            }
+            Msg::Stop => return false,
+        }
+        true
     }
 
     fn write(&mut self, buf: &[u8], lines: u64) {
@@ -517,6 +548,7 @@ fn civil_time(secs: u64) -> [u8; 19] {
     ]
 }
 
+#[inline(always)]
 fn write_u64(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
@@ -558,9 +590,14 @@ fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// `s` as the inside of a JSON string: `"` and `\` escaped, control characters as
-/// `\n`, `\t`, ... or `\u00XX`.
+/// `\n`, `\t`, ... or `\u00XX`. Almost every string needs nothing: it is checked eight
+/// bytes at a time and copied at once.
 fn write_json_str(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
+    if is_plain::<0x20>(bytes) {
+        out.extend_from_slice(bytes);
+        return;
+    }
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let escape: &[u8] = match b {
@@ -581,57 +618,90 @@ fn write_json_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&bytes[start..]);
 }
 
-fn json_field(out: &mut Vec<u8>, name: &str, value: &str) {
-    out.extend_from_slice(b",\"");
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b"\":\"");
-    write_json_str(out, value);
+/// No byte below `LOW` (0x20: control characters; 0x21: and space), `"` or `\` in
+/// `bytes`.
+#[inline]
+fn is_plain<const LOW: u8>(bytes: &[u8]) -> bool {
+    if bytes.len() < 8 {
+        return bytes.iter().all(|&b| b >= LOW && b != b'"' && b != b'\\');
+    }
+    let word = |chunk: &[u8]| u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+    let mut chunks = bytes.chunks_exact(8);
+    let mut special = chunks.by_ref().fold(0, |acc, c| acc | special_bytes::<LOW>(word(c)));
+    // The last (overlapping) eight bytes cover the remainder.
+    special |= special_bytes::<LOW>(word(&bytes[bytes.len() - 8..]));
+    special == 0
+}
+
+/// Non-zero when any of the eight bytes of `x` is below `LOW` (at most 128), `"` or `\`
+/// (the "hasless"/"haszero" word tricks: exact for whether any byte is one).
+#[inline]
+fn special_bytes<const LOW: u8>(x: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let below_space = x.wrapping_sub(ONES * u64::from(LOW)) & !x;
+    let q = x ^ (ONES * u64::from(b'"'));
+    let bs = x ^ (ONES * u64::from(b'\\'));
+    (below_space | (q.wrapping_sub(ONES) & !q) | (bs.wrapping_sub(ONES) & !bs)) & HIGH
+}
+
+/// `"` + the escaped string + `"`.
+#[inline(always)]
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    write_json_str(out, s);
     out.push(b'"');
 }
 
-fn json_opt_field(out: &mut Vec<u8>, name: &str, value: Option<&str>) {
-    match value {
-        Some(v) => json_field(out, name, v),
-        None => {
-            out.extend_from_slice(b",\"");
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b"\":null");
-        }
+/// A JSON string, or `null`.
+#[inline(always)]
+fn json_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => json_str(out, s),
+        None => out.extend_from_slice(b"null"),
     }
 }
 
-fn json_num_field(out: &mut Vec<u8>, name: &str, value: u64) {
-    out.extend_from_slice(b",\"");
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b"\":");
-    write_u64(out, value);
-}
-
-/// One JSON object and a newline.
+/// One JSON object and a newline. Keys are written as whole literals (one copy each).
 fn write_json(out: &mut Vec<u8>, clock: &mut Clock, e: &Entry<'_>) {
     out.extend_from_slice(b"{\"time\":\"");
     clock.write(out, e.time);
-    out.push(b'"');
-    json_field(out, "request_id", e.request_id);
-    json_opt_field(out, "trace_id", e.trace_id);
+    out.extend_from_slice(b"\",\"request_id\":");
+    json_str(out, e.request_id);
+    out.extend_from_slice(b",\"trace_id\":");
+    json_opt_str(out, e.trace_id);
     out.extend_from_slice(b",\"client\":\"");
     write_ip(out, e.client);
-    out.push(b'"');
-    json_field(out, "method", e.method.as_str());
-    json_field(out, "host", e.host);
-    json_field(out, "path", e.path);
-    json_num_field(out, "status", u64::from(e.status));
-    json_field(out, "route", e.route);
-    json_field(out, "upstream", e.upstream);
-    json_field(out, "backend", e.backend);
-    json_field(out, "strategy", e.strategy);
-    json_num_field(out, "attempts", u64::from(e.attempts));
-    out.extend_from_slice(if e.fallback { b",\"fallback\":true" } else { b",\"fallback\":false" });
-    json_num_field(out, "bytes_in", e.bytes_in);
-    json_num_field(out, "bytes_out", e.bytes_out);
+    out.extend_from_slice(b"\",\"method\":");
+    json_str(out, e.method.as_str());
+    out.extend_from_slice(b",\"host\":");
+    json_str(out, e.host);
+    out.extend_from_slice(b",\"path\":");
+    json_str(out, e.path);
+    out.extend_from_slice(b",\"status\":");
+    write_u64(out, u64::from(e.status));
+    out.extend_from_slice(b",\"route\":");
+    json_str(out, e.route);
+    out.extend_from_slice(b",\"upstream\":");
+    json_str(out, e.upstream);
+    out.extend_from_slice(b",\"backend\":");
+    json_str(out, e.backend);
+    out.extend_from_slice(b",\"strategy\":");
+    json_str(out, e.strategy);
+    out.extend_from_slice(b",\"attempts\":");
+    write_u64(out, u64::from(e.attempts));
+    out.extend_from_slice(if e.fallback {
+        b",\"fallback\":true,\"bytes_in\":"
+    } else {
+        b",\"fallback\":false,\"bytes_in\":"
+    });
+    write_u64(out, e.bytes_in);
+    out.extend_from_slice(b",\"bytes_out\":");
+    write_u64(out, e.bytes_out);
     out.extend_from_slice(b",\"duration_ms\":");
     write_ms(out, e.duration);
-    json_opt_field(out, "reason", e.reason);
+    out.extend_from_slice(b",\"reason\":");
+    json_opt_str(out, e.reason);
     out.extend_from_slice(b"}\n");
 }
 
@@ -639,8 +709,7 @@ fn write_json(out: &mut Vec<u8>, clock: &mut Clock, e: &Entry<'_>) {
 /// `"`, `\` and control characters escaped (JSON-style), so a line stays one line and
 /// splits on spaces.
 fn write_text_value(out: &mut Vec<u8>, s: &str) {
-    let plain = !s.is_empty() && s.bytes().all(|b| b > b' ' && b != b'"' && b != b'\\' && b != 0x7f);
-    if plain {
+    if !s.is_empty() && is_plain::<0x21>(s.as_bytes()) {
         out.extend_from_slice(s.as_bytes());
     } else {
         out.push(b'"');
@@ -649,18 +718,11 @@ fn write_text_value(out: &mut Vec<u8>, s: &str) {
     }
 }
 
-fn text_field(out: &mut Vec<u8>, name: &str, value: &str) {
-    out.push(b' ');
-    out.extend_from_slice(name.as_bytes());
-    out.push(b'=');
+/// ` key=` (given whole) and the value.
+#[inline(always)]
+fn text_field(out: &mut Vec<u8>, key: &[u8], value: &str) {
+    out.extend_from_slice(key);
     write_text_value(out, value);
-}
-
-fn text_num_field(out: &mut Vec<u8>, name: &str, value: u64) {
-    out.push(b' ');
-    out.extend_from_slice(name.as_bytes());
-    out.push(b'=');
-    write_u64(out, value);
 }
 
 /// A combined-log-like line, then `key=value` pairs:
@@ -677,19 +739,20 @@ fn write_text(out: &mut Vec<u8>, clock: &mut Clock, e: &Entry<'_>) {
     write_u64(out, u64::from(e.status));
     out.push(b' ');
     write_u64(out, e.bytes_out);
-    text_field(out, "host", e.host);
-    text_field(out, "route", e.route);
-    text_field(out, "upstream", e.upstream);
-    text_field(out, "backend", e.backend);
-    text_field(out, "strategy", e.strategy);
-    text_num_field(out, "attempts", u64::from(e.attempts));
-    out.extend_from_slice(if e.fallback { b" fallback=true" } else { b" fallback=false" });
-    text_num_field(out, "bytes_in", e.bytes_in);
+    text_field(out, b" host=", e.host);
+    text_field(out, b" route=", e.route);
+    text_field(out, b" upstream=", e.upstream);
+    text_field(out, b" backend=", e.backend);
+    text_field(out, b" strategy=", e.strategy);
+    out.extend_from_slice(b" attempts=");
+    write_u64(out, u64::from(e.attempts));
+    out.extend_from_slice(if e.fallback { b" fallback=true bytes_in=" } else { b" fallback=false bytes_in=" });
+    write_u64(out, e.bytes_in);
     out.extend_from_slice(b" duration_ms=");
     write_ms(out, e.duration);
-    text_field(out, "request_id", e.request_id);
-    text_field(out, "trace_id", e.trace_id.unwrap_or("-"));
-    text_field(out, "reason", e.reason.unwrap_or("-"));
+    text_field(out, b" request_id=", e.request_id);
+    text_field(out, b" trace_id=", e.trace_id.unwrap_or("-"));
+    text_field(out, b" reason=", e.reason.unwrap_or("-"));
     out.push(b'\n');
 }
 
@@ -819,6 +882,28 @@ mod tests {
     }
 
     #[test]
+    fn escaping_matches_serde_json_at_every_position() {
+        let alphabet = ["a", "\"", "\\", "\n", "\u{1}", "\u{1f}", " ", "é", "😀", "\u{7f}", "~"];
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for len in 0..40 {
+            for _ in 0..50 {
+                let s: String = (0..len)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        alphabet[(state % alphabet.len() as u64) as usize]
+                    })
+                    .collect();
+                let mut ours = b"\"".to_vec();
+                write_json_str(&mut ours, &s);
+                ours.push(b'"');
+                assert_eq!(String::from_utf8(ours).unwrap(), serde_json::to_string(&s).unwrap(), "{s:?}");
+            }
+        }
+    }
+
+    #[test]
     fn text_line_is_one_line_with_quoted_odd_values() {
         let get = http::Method::GET;
         let mut out = Vec::new();
@@ -837,6 +922,9 @@ mod tests {
         assert!(!line.contains('\u{1b}'), "an escape sequence reached the log: {line:?}");
         assert!(line.contains(r#"host="a b\n\u001b[31m" route="""#), "{line}");
         assert!(line.contains(r#""GET /x\"y""#), "{line}");
+        let mut out = Vec::new();
+        write_text(&mut out, &mut clock(), &Entry { route: "a route name with spaces", ..entry(&get) });
+        assert!(String::from_utf8(out).unwrap().contains(r#" route="a route name with spaces" "#));
     }
 
     #[test]
@@ -885,9 +973,10 @@ mod tests {
         }
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.starts_with("203.0.113.7 [2025-01-31T12:34:56.789Z] \"GET "), "{text}");
-        std::thread::scope(|s| {
-            s.spawn(|| log.record(&entry(&get)));
-        });
+        // A plain join (not a scope, which may end before the thread's TLS destructors
+        // ran) waits for the thread's exit, and so for its buffer's hand-over.
+        let worker = log.clone();
+        std::thread::spawn(move || worker.record(&entry(&http::Method::GET))).join().unwrap();
         assert!(log.flush_all());
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
         let _ = std::fs::remove_dir_all(dir);
