@@ -2,6 +2,7 @@
 
 use crate::config::{self, Backend, Config, Upstream};
 use clap::{Args, Parser, Subcommand};
+use std::io::IsTerminal as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
@@ -20,18 +21,54 @@ pub struct Cli {
 /// Logging options.
 #[derive(Debug, Args, Clone)]
 pub struct LogArgs {
-    /// Log format.
-    #[arg(long, value_enum, default_value = "text", global = true)]
-    pub log_format: LogFormat,
+    /// Log format [default: the config file's `log_format`, else auto].
+    #[arg(long, value_enum, global = true)]
+    pub log_format: Option<LogFormat>,
 }
 
 /// How logs are written to stderr.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines.
     Text,
     /// One JSON object per line.
     Json,
+    /// Text when stderr is a terminal, JSON otherwise.
+    Auto,
+}
+
+impl LogFormat {
+    /// Text or JSON: `Auto` decided by whether stderr is a terminal.
+    pub fn resolve(self) -> config::LogFormat {
+        match self {
+            LogFormat::Text => config::LogFormat::Text,
+            LogFormat::Json => config::LogFormat::Json,
+            LogFormat::Auto if std::io::stderr().is_terminal() => config::LogFormat::Text,
+            LogFormat::Auto => config::LogFormat::Json,
+        }
+    }
+}
+
+impl From<config::LogFormat> for LogFormat {
+    fn from(f: config::LogFormat) -> Self {
+        match f {
+            config::LogFormat::Text => LogFormat::Text,
+            config::LogFormat::Json => LogFormat::Json,
+        }
+    }
+}
+
+impl Cli {
+    /// The process's log format: `--log-format`, else the config file's `log_format`
+    /// (peeked at: the file is loaded, and its errors reported, after logging starts),
+    /// else text on a terminal and JSON otherwise.
+    pub fn log_format(&self) -> config::LogFormat {
+        let from_file = || match (&self.command, &self.run.config) {
+            (None, Some(path)) => config::peek_log_format(path).map(LogFormat::from),
+            _ => None,
+        };
+        self.log.log_format.or_else(from_file).unwrap_or(LogFormat::Auto).resolve()
+    }
 }
 
 /// Options of the default command (run the gateway).
@@ -75,8 +112,16 @@ pub struct RunArgs {
     #[arg(long)]
     pub threads: Option<usize>,
     /// Do not log one line per request.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "access_log")]
     pub no_access_log: bool,
+    /// Append the access log (one JSON line per request) to FILE instead of stderr;
+    /// SIGUSR1 reopens it.
+    #[arg(long, value_name = "FILE")]
+    pub access_log: Option<PathBuf>,
+    /// The process's log format, as `main` resolved it: fills in the config's
+    /// `log_format` and the access log's default format.
+    #[arg(skip)]
+    pub log_format: Option<config::LogFormat>,
 }
 
 /// Subcommands.
@@ -217,7 +262,18 @@ impl RunArgs {
             config.threads = t;
         }
         if self.no_access_log {
-            config.access_log = false;
+            config.access_log.enabled = false;
+        }
+        if let Some(path) = &self.access_log {
+            config.access_log.enabled = true;
+            config.access_log.path = Some(path.clone());
+        }
+        if let Some(process) = self.log_format {
+            config.log_format = Some(process);
+            if config.access_log.format.is_none() {
+                config.access_log.format =
+                    Some(if config.access_log.path.is_some() { config::LogFormat::Json } else { process });
+            }
         }
         Ok(())
     }
@@ -316,5 +372,37 @@ mod tests {
         assert_eq!(up.strategy.params["n"], 3);
         let c = Cli::parse_from(["gateway", "--listen", "0.0.0.0", "-b", "127.0.0.1:1"]).run.to_config().unwrap();
         assert_eq!(c.listeners[0].address, "0.0.0.0:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn access_log_flags() {
+        let c = Cli::parse_from(["gateway", "-b", "127.0.0.1:1", "--no-access-log"]).run.to_config().unwrap();
+        assert!(!c.access_log.enabled);
+        let mut cli = Cli::parse_from(["gateway", "-b", "127.0.0.1:1", "--access-log", "/tmp/a.log"]);
+        cli.run.log_format = Some(config::LogFormat::Text);
+        let c = cli.run.to_config().unwrap();
+        assert!(c.access_log.enabled);
+        assert_eq!(c.access_log.path.as_deref(), Some(std::path::Path::new("/tmp/a.log")));
+        assert_eq!(c.access_log.format, Some(config::LogFormat::Json), "a file defaults to JSON");
+        let mut cli = Cli::parse_from(["gateway", "-b", "127.0.0.1:1"]);
+        cli.run.log_format = Some(config::LogFormat::Text);
+        let c = cli.run.to_config().unwrap();
+        assert_eq!((c.log_format, c.access_log.format), (Some(config::LogFormat::Text), Some(config::LogFormat::Text)));
+        let e = Cli::try_parse_from(["gateway", "-b", "127.0.0.1:1", "--no-access-log", "--access-log", "a.log"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot be used with"), "{e}");
+    }
+
+    #[test]
+    fn log_format_flag_wins_over_the_config_file() {
+        let file = std::env::temp_dir().join(format!("gateway-cli-log-format-{}.yaml", std::process::id()));
+        std::fs::write(&file, "log_format: text\nupstreams: {}\n").unwrap();
+        let path = file.to_str().unwrap();
+        assert_eq!(Cli::parse_from(["gateway", "-c", path]).log_format(), config::LogFormat::Text);
+        let flag = Cli::parse_from(["gateway", "-c", path, "--log-format", "json"]);
+        assert_eq!(flag.log_format(), config::LogFormat::Json);
+        assert_eq!(Cli::parse_from(["gateway", "--log-format", "text"]).log_format(), config::LogFormat::Text);
+        let _ = std::fs::remove_file(&file);
     }
 }

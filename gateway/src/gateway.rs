@@ -97,7 +97,14 @@ impl Gateway {
         let plugins = PluginHost::new(&config.plugins)?;
         let view = build_view(&config, 1, &plugins, None)?;
         let (reporter, receiver) = Reporter::new();
-        let proxy = Proxy { view: ArcSwap::from_pointee(view), reporter, access_log: config.access_log };
+        let access_log = match config.access_log.enabled {
+            true => Some(crate::access_log::AccessLog::new(&config.access_log).map_err(|e| {
+                let to = config.access_log.path.as_ref().map_or("stderr".into(), |p| p.display().to_string());
+                anyhow::anyhow!("access_log: cannot open {to}: {e}")
+            })?),
+            false => None,
+        };
+        let proxy = Proxy { view: ArcSwap::from_pointee(view), reporter, access_log };
         metrics::control().last_reload_success_ms.store(metrics::now_ms(), std::sync::atomic::Ordering::Relaxed);
         let now = SystemTime::now();
         let file_config = path.as_deref().and_then(|p| config::load(p).ok());
@@ -192,7 +199,8 @@ impl Gateway {
         new.threads = self.config.threads;
         new.plugins = self.config.plugins.clone();
         new.shutdown_grace = self.config.shutdown_grace;
-        new.access_log = self.config.access_log;
+        new.access_log = self.config.access_log.clone();
+        new.log_format = self.config.log_format;
         new.metrics = self.config.metrics.clone();
         let old = self.view();
         let version = self.config_state().version + 1;
@@ -268,6 +276,7 @@ fn diff(old: &View, new: &View, started: &Config, file: &Config) -> Changes {
     restart("plugins", started.plugins != file.plugins, &mut c);
     restart("shutdown_grace", started.shutdown_grace != file.shutdown_grace, &mut c);
     restart("access_log", started.access_log != file.access_log, &mut c);
+    restart("log_format", started.log_format != file.log_format, &mut c);
     restart("metrics", started.metrics != file.metrics, &mut c);
     restart(
         "admin",

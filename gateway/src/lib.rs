@@ -3,6 +3,7 @@
 //! `server` (listeners) → `router` → `upstream` → `select` (→ `plugin`) → `proxy`,
 //! with `pool` the shared state that `health` writes and everything else reads.
 
+pub mod access_log;
 pub mod admin;
 pub mod cli;
 pub mod config;

@@ -1,7 +1,9 @@
 //! The `gateway` binary: parse arguments, build, run. Nothing else.
 
 use clap::Parser;
-use gateway::cli::{Cli, Command, ConfigCommand, LogFormat, PluginCommand};
+use gateway::cli::{Cli, Command, ConfigCommand, PluginCommand};
+use gateway::config::LogFormat;
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 mod commands;
@@ -13,8 +15,10 @@ mod commands;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(cli.log.log_format);
+    let mut cli = Cli::parse();
+    let format = cli.log_format();
+    init_logging(format);
+    cli.run.log_format = Some(format);
     let result = match cli.command {
         None => commands::run(&cli.run),
         Some(Command::Demo { port, admin }) => commands::demo(port, admin),
@@ -35,9 +39,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// Process logs on stderr: text (coloured only on a terminal) or one flat JSON object per line.
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

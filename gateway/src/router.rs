@@ -63,8 +63,13 @@ impl Router {
 
     /// The first route matching `host` (port ignored) and `path`.
     pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        self.find(host, path).map(|i| &self.routes[i])
+    }
+
+    /// The index of the first route matching `host` (port ignored) and `path`.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<usize> {
         let host = host.map(strip_port);
-        self.routes.iter().find(|r| {
+        self.routes.iter().position(|r| {
             let host_ok = match (&r.host, host) {
                 (HostMatch::Any, _) => true,
                 (HostMatch::Exact(h), Some(got)) => got.eq_ignore_ascii_case(h),

@@ -106,12 +106,20 @@ pub fn run(
             ));
         }
         reload_on_sighup(gw.clone(), stop.clone());
+        if let Some(log) = &gw.proxy.access_log {
+            crate::access_log::reopen_on_sigusr1(log.clone(), stop.clone());
+        }
         wait_for_signal(&stop).await;
         anyhow::Ok(())
     })?;
     stop.cancel();
     for w in workers {
         let _ = w.join();
+    }
+    if let Some(log) = &gw.proxy.access_log
+        && !log.flush_all()
+    {
+        tracing::warn!("the access log's last lines could not be written within 2s");
     }
     tracing::info!("stopped");
     Ok(())
@@ -168,6 +176,21 @@ fn worker(gw: Arc<Gateway>, listeners: Vec<std::net::TcpListener>, stop: Cancell
             if let Err(e) = up.selector.binding().warm(&up.pool.snapshot()) {
                 tracing::warn!(upstream = %up.name, "warming the plugin failed: {e}");
             }
+        }
+        // Access-log lines are buffered per thread: hand a partly filled buffer to the
+        // writer thread every 100 ms, so a quiet gateway's lines still reach the disk.
+        if let Some(log) = gw.proxy.access_log.clone() {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => log.flush_local(),
+                    }
+                }
+                log.flush_local();
+            });
         }
         // Warm new plugin versions on this thread before they are swapped in.
         let mut warmer = gw.plugins.warmer();

@@ -59,7 +59,7 @@ fn names(gw: &Gateway, n: usize) -> Vec<String> {
 }
 
 fn is_event_for(line: &serde_json::Value, prefix: &str, backend: &Backend) -> bool {
-    message(line).starts_with(prefix) && line["backend"] == backend.addr().to_string()
+    message(line).starts_with(prefix) && line["address"] == backend.addr().to_string()
 }
 
 #[test]
@@ -111,7 +111,7 @@ fn round_robin_fails_over_and_recovers() {
     });
     let bound = INTERVAL * RISE + Duration::from_millis(1_600);
     let health_log = || {
-        let lines = gw.logs_matching(|l| l.get("backend").is_some() && message(l) != "request");
+        let lines = gw.logs_matching(|l| l.get("backend").is_some() && l.get("request_id").is_none());
         lines.iter().map(|l| l.to_string()).collect::<Vec<_>>().join("\n")
     };
     match served {

@@ -123,6 +123,15 @@ fn twenty_swaps_under_load_drop_no_request() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(behaves(&seen, after, true), "the last good version (round robin) keeps serving");
 
+    // A file no upstream uses is checked and reported as unused, not as "swapped".
+    let mark = gw.log_mark();
+    install(&dir, &first, "spare.wasm");
+    let unused = gw.wait_for_log_after(mark, Duration::from_secs(5), |l| l["plugin"] == "spare");
+    assert!(message(&unused).contains("no upstream uses it"), "{unused}");
+    assert!(message(&unused).contains("strategy: {plugin: spare}"), "says how to use it: {unused}");
+    let swapped = gw.logs_matching(|l| message(l).starts_with("plugin swapped"));
+    assert!(swapped.iter().all(|l| l["plugin"] == "live" && l["upstreams"] == "[\"default\"]"), "{swapped:?}");
+
     stop.store(true, Ordering::Relaxed);
     let sent = client.join().unwrap();
     let failures: Vec<_> = seen.lock().unwrap().iter().filter_map(|(_, r)| r.clone().err()).collect();

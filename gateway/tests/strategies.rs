@@ -89,7 +89,7 @@ fn start_yaml(dir: &TempDir, backends: &[Spec<'_>], plugin: &str, params: Value)
 /// `addr`, logged after `mark`.
 fn wait_health(gw: &Gateway, mark: usize, addr: SocketAddr, event: &str) {
     let addr = addr.to_string();
-    gw.wait_for_log_after(mark, Duration::from_secs(10), |l| message(l).starts_with(event) && l["backend"] == addr);
+    gw.wait_for_log_after(mark, Duration::from_secs(10), |l| message(l).starts_with(event) && l["address"] == addr);
 }
 
 /// `n` sequential `GET path` on one keep-alive connection: the backend names, in order.

@@ -55,7 +55,10 @@ pub fn stats(gw: &Gateway, auth: &Auth, req: &http::request::Parts) -> Value {
                 "reloads_ok": control.reloads_ok.get(),
                 "reloads_failed": control.reloads_refused.get(),
             },
-            "access_log": { "lines": 0, "dropped": 0 },
+            "access_log": match &gw.proxy.access_log {
+                Some(l) => json!({ "enabled": true, "lines": l.lines(), "dropped": l.dropped_lines() }),
+                None => json!({ "enabled": false, "lines": 0, "dropped": 0 }),
+            },
         },
         "upstreams": view.upstreams.iter().map(|up| upstream_stats(gw, up)).collect::<Vec<_>>(),
     })

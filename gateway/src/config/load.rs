@@ -1,6 +1,6 @@
 //! Reading a config file, with errors that name the file, line and field.
 
-use super::{Backend, Config};
+use super::{AccessLog, Backend, Config, LogFormat};
 use serde::{Deserialize, Deserializer};
 use std::path::{Path, PathBuf};
 
@@ -37,6 +37,19 @@ fn at(path: &Path, line: Option<usize>, column: Option<usize>) -> String {
         (Some(l), None) => format!("{}:{l}", path.display()),
         _ => path.display().to_string(),
     }
+}
+
+/// The `log_format` of the config file at `path`, read before logging starts (the whole
+/// file is loaded, and its errors reported, later). `None` when it is unset or the file
+/// cannot be read or parsed.
+pub fn peek_log_format(path: &Path) -> Option<LogFormat> {
+    #[derive(Deserialize)]
+    struct Peek {
+        #[serde(default)]
+        log_format: Option<LogFormat>,
+    }
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_yaml::from_str::<Peek>(&text).ok()?.log_format
 }
 
 /// Reads and validates the config file at `path`.
@@ -129,6 +142,13 @@ pub fn validate(config: &Config) -> Result<(), Problem> {
             "must be longer than 0s (in-flight requests need time to finish)".into(),
         ));
     }
+    if config.access_log.path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+        return Err((
+            "access_log.path".into(),
+            Some("access_log".into()),
+            "is empty: give a file, or leave `path` out to log to stderr".into(),
+        ));
+    }
     for (name, up) in &config.upstreams {
         for (i, b) in up.backends.iter().enumerate() {
             check_address(b)
@@ -217,6 +237,38 @@ where
     Ok(v)
 }
 
+impl<'de> Deserialize<'de> for AccessLog {
+    /// `true`, `false`, or `{enabled, path, format}`; unknown keys in the map are refused
+    /// by name.
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Map {
+            #[serde(default = "super::yes")]
+            enabled: bool,
+            #[serde(default)]
+            path: Option<PathBuf>,
+            #[serde(default)]
+            format: Option<LogFormat>,
+        }
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = AccessLog;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true, false, or a map with `enabled`, `path`, `format`")
+            }
+            fn visit_bool<E: serde::de::Error>(self, enabled: bool) -> Result<AccessLog, E> {
+                Ok(AccessLog { enabled, ..AccessLog::default() })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<AccessLog, A::Error> {
+                let m = Map::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(AccessLog { enabled: m.enabled, path: m.path, format: m.format })
+            }
+        }
+        de.deserialize_any(Visitor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +320,57 @@ mod tests {
         assert_eq!(c.upstreams.len(), 2);
         assert_eq!(c.routes[0].host.as_deref(), Some("api.example.com"));
         assert_eq!(c.upstreams["api"].backends[1].id(), "api-canary");
+    }
+
+    const WEB: &str = "upstreams:\n  web:\n    backends:\n      - address: 127.0.0.1:9001\n";
+
+    fn access_log(yaml: &str) -> Result<AccessLog, String> {
+        from_yaml(Path::new("gw.yaml"), &format!("{yaml}\n{WEB}")).map(|c| c.access_log).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn access_log_is_a_bool_or_a_map() {
+        assert_eq!(access_log("").unwrap(), AccessLog::default());
+        assert_eq!(access_log("access_log: false").unwrap(), AccessLog { enabled: false, ..AccessLog::default() });
+        assert_eq!(access_log("access_log: true").unwrap(), AccessLog::default());
+        assert_eq!(
+            access_log("access_log:\n  path: /var/log/gateway/access.log").unwrap(),
+            AccessLog { enabled: true, path: Some("/var/log/gateway/access.log".into()), format: None }
+        );
+        assert_eq!(
+            access_log("access_log: {enabled: false, format: text}").unwrap(),
+            AccessLog { enabled: false, path: None, format: Some(LogFormat::Text) }
+        );
+    }
+
+    #[test]
+    fn access_log_errors_name_the_field() {
+        let e = access_log("access_log:\n  pth: /tmp/a.log").unwrap_err();
+        assert!(e.starts_with("gw.yaml:2:"), "{e}");
+        assert!(e.contains("access_log"), "{e}");
+        assert!(e.contains("unknown field `pth`, expected one of `enabled`, `path`, `format`"), "{e}");
+        let e = access_log("access_log:\n  format: xml").unwrap_err();
+        assert!(e.contains("access_log.format"), "{e}");
+        assert!(e.contains("unknown variant `xml`, expected `text` or `json`"), "{e}");
+        let e = access_log("access_log: sometimes").unwrap_err();
+        assert!(e.contains("expected true, false, or a map with `enabled`, `path`, `format`"), "{e}");
+        let e = access_log("access_log: {path: ''}").unwrap_err();
+        assert!(e.contains("access_log.path: is empty"), "{e}");
+    }
+
+    #[test]
+    fn log_format_is_text_or_json_and_can_be_peeked() {
+        let c = from_yaml(Path::new("gw.yaml"), &format!("log_format: json\n{WEB}")).unwrap();
+        assert_eq!(c.log_format, Some(LogFormat::Json));
+        let e = err(&format!("log_format: pretty\n{WEB}"));
+        assert!(e.contains("log_format: unknown variant `pretty`, expected `text` or `json`"), "{e}");
+        let file = std::env::temp_dir().join(format!("gateway-peek-{}.yaml", std::process::id()));
+        std::fs::write(&file, format!("log_format: text\nthreads: many\n{WEB}")).unwrap();
+        assert_eq!(peek_log_format(&file), Some(LogFormat::Text), "other errors are for the real load");
+        std::fs::write(&file, WEB).unwrap();
+        assert_eq!(peek_log_format(&file), None);
+        let _ = std::fs::remove_file(&file);
+        assert_eq!(peek_log_format(Path::new("/nonexistent.yaml")), None);
     }
 
     #[test]

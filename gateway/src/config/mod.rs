@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use load::{ConfigError, from_yaml, load, validate};
+pub use load::{ConfigError, from_yaml, load, peek_log_format, validate};
 
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,12 +42,47 @@ pub struct Config {
     /// How long in-flight requests may run on after SIGTERM/SIGINT.
     #[serde(default = "default_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
-    /// One log line per request (route, backend, status, latency, attempts).
-    #[serde(default = "yes")]
-    pub access_log: bool,
+    /// One log line per request: `true`/`false`, or a map (see [`AccessLog`]).
+    /// Default on, to stderr.
+    #[serde(default)]
+    pub access_log: AccessLog,
+    /// Format of the process's own logs on stderr; none = text on a terminal, JSON
+    /// otherwise. `--log-format` wins over it.
+    #[serde(default)]
+    pub log_format: Option<LogFormat>,
     /// Prometheus metrics.
     #[serde(default)]
     pub metrics: Metrics,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (no colours unless stderr is a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The access log: one line per request. In a file, `access_log: true` (stderr, in the
+/// process's log format) and `access_log: false` (off) still work; the map form is
+/// `{enabled, path, format}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AccessLog {
+    /// Log at all. Default true.
+    pub enabled: bool,
+    /// File to append to (reopened on SIGUSR1, for logrotate); none = stderr. Default none.
+    pub path: Option<PathBuf>,
+    /// Line format; none = JSON for a file, the process's log format for stderr.
+    pub format: Option<LogFormat>,
+}
+
+impl Default for AccessLog {
+    /// On, to stderr, in the process's log format.
+    fn default() -> Self {
+        AccessLog { enabled: true, path: None, format: None }
+    }
 }
 
 /// Metrics recording.
@@ -369,7 +404,8 @@ impl Config {
             admin: Admin::default(),
             threads: 0,
             shutdown_grace: default_grace(),
-            access_log: true,
+            access_log: AccessLog::default(),
+            log_format: None,
             metrics: Metrics::default(),
         }
     }

@@ -164,7 +164,7 @@ async fn passive(lookup: Lookup, mut receiver: Receiver, stop: CancellationToken
         // signals are noisy; active checks take truly dead backends out.
         let ejected = snap.members.iter().filter(|m| m.status.ejected_until.is_some()).count();
         if (ejected + 1) * 2 > snap.members.len() {
-            tracing::warn!(upstream = %up.name, backend = %addr, id = %ev.backend, "not ejecting after repeated failures ({}): that would leave fewer than half of the backends", ev.reason);
+            tracing::warn!(upstream = %up.name, backend = %ev.backend, address = %addr, "not ejecting after repeated failures ({}): that would leave fewer than half of the backends", ev.reason);
             continue;
         }
         let h = history.entry((ev.upstream.clone(), ev.backend.clone())).or_default();
@@ -180,19 +180,26 @@ async fn passive(lookup: Lookup, mut receiver: Receiver, stop: CancellationToken
         }
         entry.metrics.health.ejections.inc();
         tracing::warn!(
-            upstream = %up.name, backend = %addr, id = %ev.backend, ejection = h.count, seconds = duration.as_secs_f64(),
+            upstream = %up.name, backend = %ev.backend, address = %addr, ejection = h.count, seconds = duration.as_secs_f64(),
             "backend ejected after {} consecutive failures (last: {})", p.consecutive_failures, ev.reason
         );
-        let (up, id, stop) = (up.clone(), ev.backend, stop.clone());
+        let (name, id, stop, lookup) = (up.name.clone(), ev.backend, stop.clone(), lookup.clone());
         tokio::spawn(async move {
             tokio::select! {
                 _ = stop.cancelled() => {}
                 _ = tokio::time::sleep(duration) => {
-                    up.pool.update_status(&id, |s: &mut Status| s.ejected_until = None);
+                    // The upstream serving now: a config reload may have replaced it
+                    // (and carried the ejection over).
+                    let Some(up) = lookup(&name) else { return };
+                    let Some(status) = up.pool.update_status(&id, |s: &mut Status| s.ejected_until = None) else { return };
                     if let Some(m) = up.pool.load().members.iter().find(|m| m.entry.id == id) {
                         m.entry.stats.reset_failures();
                     }
-                    tracing::info!(upstream = %up.name, backend = %addr, id = %id, "ejection over, backend takes traffic again");
+                    if status.healthy() {
+                        tracing::info!(upstream = %up.name, backend = %id, address = %addr, "ejection over, backend takes traffic again");
+                    } else {
+                        tracing::info!(upstream = %up.name, backend = %id, address = %addr, "ejection over; the backend stays out of rotation (down or drained)");
+                    }
                 }
             }
         });

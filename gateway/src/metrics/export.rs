@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering::Relaxed;
 /// The whole exposition, `# EOF` included.
 pub fn encode(gw: &Gateway) -> String {
     let mut registry = Registry::with_prefix("gateway");
-    registry.register_collector(Box::new(Scrape { view: gw.view(), plugins: gw.plugins.clone() }));
+    registry.register_collector(Box::new(Scrape { view: gw.view(), access_log: gw.proxy.access_log.clone() }));
     let mut out = String::with_capacity(64 * 1024);
     if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
         tracing::error!("encoding /metrics failed");
@@ -28,7 +28,7 @@ pub fn encode(gw: &Gateway) -> String {
 #[derive(Debug)]
 struct Scrape {
     view: Arc<View>,
-    plugins: Arc<crate::plugin::PluginHost>,
+    access_log: Option<Arc<crate::access_log::AccessLog>>,
 }
 
 type Labels<'a> = Vec<(&'static str, &'a str)>;
@@ -309,7 +309,14 @@ impl prometheus_client::collector::Collector for Scrape {
             "Hot swaps of plugin files: ok (swapped in), refused (the last good version kept serving).",
             &swap_series,
         )?;
-        let _ = &self.plugins;
+        let (lines, dropped) = self.access_log.as_ref().map_or((0, 0), |l| (l.lines(), l.dropped_lines()));
+        counter(&mut enc, "access_log_lines", "Access-log lines written.", &[(vec![], lines)])?;
+        counter(
+            &mut enc,
+            "access_log_dropped",
+            "Access-log lines dropped because the writer was behind (a slow disk); requests never wait for the log.",
+            &[(vec![], dropped)],
+        )?;
 
         // Config.
         counter(

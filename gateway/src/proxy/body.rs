@@ -24,12 +24,14 @@ pub enum RequestBody {
 #[derive(Debug, Clone)]
 pub struct Replayable {
     slot: Arc<Mutex<Option<Incoming>>>,
+    /// Body bytes sent to a backend so far (for the access log).
+    sent: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Replayable {
     /// Wraps the client's body.
     pub fn new(body: Incoming) -> Self {
-        Replayable { slot: Arc::new(Mutex::new(Some(body))) }
+        Replayable { slot: Arc::new(Mutex::new(Some(body))), sent: Arc::default() }
     }
 
     /// Whether no attempt has started reading the body.
@@ -45,14 +47,26 @@ pub struct AttemptBody {
     taken: Option<Incoming>,
     /// The backend it goes to, whose `bytes_in` counts it (bodies only).
     to: Option<std::sync::Arc<crate::pool::BackendEntry>>,
+    /// The request's count of body bytes sent.
+    sent: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl RequestBody {
     /// The body for one attempt, sent to `to`.
     pub fn attempt(&self, to: &std::sync::Arc<crate::pool::BackendEntry>) -> AttemptBody {
         match self {
-            RequestBody::Empty => AttemptBody { shared: None, taken: None, to: None },
-            RequestBody::Stream(r) => AttemptBody { shared: Some(r.clone()), taken: None, to: Some(to.clone()) },
+            RequestBody::Empty => AttemptBody { shared: None, taken: None, to: None, sent: None },
+            RequestBody::Stream(r) => {
+                AttemptBody { shared: Some(r.clone()), taken: None, to: Some(to.clone()), sent: Some(r.sent.clone()) }
+            }
+        }
+    }
+
+    /// The count of body bytes sent to backends, for the access log (none: no body).
+    pub fn sent(&self) -> Option<Arc<std::sync::atomic::AtomicU64>> {
+        match self {
+            RequestBody::Empty => None,
+            RequestBody::Stream(r) => Some(r.sent.clone()),
         }
     }
 
@@ -83,9 +97,13 @@ impl Body for AttemptBody {
         let polled = Pin::new(this.taken.as_mut().expect("set above")).poll_frame(cx);
         if let (Poll::Ready(Some(Ok(frame))), Some(to)) = (&polled, &this.to)
             && let Some(data) = frame.data_ref()
-            && crate::metrics::enabled()
         {
-            to.metrics.shards.local().bytes_in.add(data.len() as u64);
+            if let Some(sent) = &this.sent {
+                sent.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            if crate::metrics::enabled() {
+                to.metrics.shards.local().bytes_in.add(data.len() as u64);
+            }
         }
         polled
     }
@@ -123,6 +141,8 @@ pub enum ResponseBody {
         conn: Option<Pooled>,
         /// Body bytes passed on so far (counted into the backend's metrics at the end).
         bytes: u64,
+        /// The access-log line, written when the body ends.
+        log: Option<Box<super::log::Pending>>,
     },
     /// A body the gateway wrote itself.
     Full(Option<Bytes>),
@@ -146,20 +166,20 @@ impl Body for ResponseBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match &mut *self {
-            ResponseBody::Upstream { body, guard, conn, bytes } => {
+            ResponseBody::Upstream { body, guard, conn, bytes, log } => {
                 let polled = Pin::new(body).poll_frame(cx);
                 match &polled {
                     Poll::Ready(Some(Ok(frame))) => {
                         *bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
                     }
                     Poll::Ready(None) => {
-                        settle(guard, bytes);
+                        settle(guard, bytes, log);
                         if let Some(c) = conn.take() {
                             c.release();
                         }
                     }
                     Poll::Ready(Some(Err(_))) => {
-                        settle(guard, bytes);
+                        settle(guard, bytes, log);
                         conn.take();
                     }
                     _ => {}
@@ -185,20 +205,22 @@ impl Body for ResponseBody {
     }
 }
 
-/// The response is over: count its bytes and end the backend's in-flight request.
-fn settle(guard: &mut Option<ActiveGuard>, bytes: &mut u64) {
-    if let Some(g) = guard.take()
-        && *bytes > 0
-        && crate::metrics::enabled()
-    {
-        g.entry().metrics.shards.local().bytes_out.add(std::mem::take(bytes));
+/// The response is over: count its bytes, write its access-log line and end the
+/// backend's in-flight request.
+fn settle(guard: &mut Option<ActiveGuard>, bytes: &mut u64, log: &mut Option<Box<super::log::Pending>>) {
+    let Some(g) = guard.take() else { return };
+    if *bytes > 0 && crate::metrics::enabled() {
+        g.entry().metrics.shards.local().bytes_out.add(*bytes);
+    }
+    if let Some(line) = log.take() {
+        line.record(Some(&g.entry().id), *bytes);
     }
 }
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
-        if let ResponseBody::Upstream { guard, bytes, .. } = self {
-            settle(guard, bytes);
+        if let ResponseBody::Upstream { guard, bytes, log, .. } = self {
+            settle(guard, bytes, log);
         }
         // Bodies the server never polls (HEAD, 204, 304) still free their connection.
         if let ResponseBody::Upstream { body, conn, .. } = self

@@ -1,5 +1,6 @@
-//! Header rewriting: hop-by-hop removal and `X-Forwarded-*`.
+//! Header rewriting: hop-by-hop removal, `X-Forwarded-*` and `traceparent`.
 
+use super::trace::{TRACEPARENT, Trace};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use std::net::IpAddr;
 
@@ -89,13 +90,16 @@ pub struct Forwarding<'a> {
     pub request_id: &'a HeaderValue,
     /// The protocol of an HTTP/1.1 upgrade (WebSocket): keeps `Connection: upgrade`.
     pub upgrade: Option<&'a HeaderValue>,
+    /// The request's trace: its `traceparent` replaces the client's.
+    pub trace: &'a Trace,
 }
 
 /// The headers a backend gets, built in one pass over the client's: hop-by-hop headers
 /// (and those `Connection` names) left out, `X-Forwarded-For` extended, `-Proto`,
-/// `-Host` and `X-Request-Id` added, `Host` kept or set (last resort: `fallback_host`,
-/// the backend's own address, for an HTTP/1.0 client that sent none). The client's map is
-/// left as it came, so a retry builds its own copy.
+/// `-Host` and `X-Request-Id` added, `traceparent` set to the gateway's span (`tracestate`
+/// passes unchanged), `Host` kept or set (last resort: `fallback_host`, the backend's own
+/// address, for an HTTP/1.0 client that sent none). The client's map is left as it came,
+/// so a retry builds its own copy.
 pub fn for_backend(client: &HeaderMap, fwd: &Forwarding<'_>, fallback_host: impl FnOnce() -> HeaderValue) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(client.keys_len() + 6);
     let listed = if client.contains_key(header::CONNECTION) { connection_listed(client) } else { Vec::new() };
@@ -112,6 +116,9 @@ pub fn for_backend(client: &HeaderMap, fwd: &Forwarding<'_>, fallback_host: impl
                 joined.extend_from_slice(b", ");
             }
             joined.extend_from_slice(value.as_bytes());
+            continue;
+        }
+        if name == TRACEPARENT {
             continue;
         }
         has_request_id |= name == X_REQUEST_ID;
@@ -139,6 +146,7 @@ pub fn for_backend(client: &HeaderMap, fwd: &Forwarding<'_>, fallback_host: impl
     if !has_request_id {
         out.insert(X_REQUEST_ID, fwd.request_id.clone());
     }
+    out.insert(TRACEPARENT, fwd.trace.traceparent().clone());
     if let Some(protocol) = fwd.upgrade {
         set_upgrade(&mut out, protocol.clone());
     }
@@ -196,7 +204,8 @@ mod tests {
     }
 
     fn forwarding<'a>(ip: &'a HeaderValue, id: &'a HeaderValue) -> Forwarding<'a> {
-        Forwarding { client_ip: ip, authority: None, request_id: id, upgrade: None }
+        static TRACE: std::sync::LazyLock<Trace> = std::sync::LazyLock::new(|| Trace::from_client(&HeaderMap::new()));
+        Forwarding { client_ip: ip, authority: None, request_id: id, upgrade: None, trace: &TRACE }
     }
 
     #[test]
@@ -252,6 +261,30 @@ mod tests {
         assert_eq!(out[&X_FORWARDED_FOR], "::1");
         assert_eq!(out[header::CONNECTION], "upgrade");
         assert_eq!(out[header::UPGRADE], "websocket");
+    }
+
+    #[test]
+    fn the_backend_gets_the_gateways_traceparent_and_the_clients_tracestate() {
+        let mut client = HeaderMap::new();
+        client.insert(header::HOST, HeaderValue::from_static("shop.example"));
+        client.insert(TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        client.append("tracestate", HeaderValue::from_static("congo=t61rcWkgMzE"));
+        client.append("tracestate", HeaderValue::from_static("rojo=00f067aa0ba902b7"));
+        let trace = Trace::from_client(&client);
+        let (ip, id) = (ip_value("127.0.0.1".parse().unwrap()), HeaderValue::from_static("1"));
+        let fwd = Forwarding { trace: &trace, ..forwarding(&ip, &id) };
+        let out = for_backend(&client, &fwd, || unreachable!());
+        assert_eq!(out.get_all(TRACEPARENT).iter().collect::<Vec<_>>(), [trace.traceparent()]);
+        let sent = out[TRACEPARENT].to_str().unwrap();
+        assert!(sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && sent.ends_with("-01"), "{sent}");
+        assert_ne!(sent, client[TRACEPARENT]);
+        assert_eq!(
+            out.get_all("tracestate").iter().collect::<Vec<_>>(),
+            ["congo=t61rcWkgMzE", "rojo=00f067aa0ba902b7"]
+        );
+        // Without one from the client, the backend still gets one: a new trace.
+        let out = for_backend(&HeaderMap::new(), &forwarding(&ip, &id), || HeaderValue::from_static("b:1"));
+        assert_eq!(out.get_all(TRACEPARENT).iter().count(), 1);
     }
 
     #[test]

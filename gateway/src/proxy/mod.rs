@@ -6,6 +6,8 @@
 mod body;
 mod conns;
 mod headers;
+mod log;
+pub mod trace;
 
 pub use body::{RequestBody, ResponseBody};
 pub use conns::Conns;
@@ -49,19 +51,22 @@ pub struct Proxy {
     pub view: ArcSwap<View>,
     /// Where passive-health failures are reported.
     pub reporter: Reporter,
-    /// Log one line per request.
-    pub access_log: bool,
+    /// One line per request, written off the worker; none: off.
+    pub access_log: Option<Arc<crate::access_log::AccessLog>>,
 }
 
 /// Per-request context for the access log and metrics.
-struct Outcome<'a> {
-    route: &'a str,
-    upstream: &'a str,
-    backend: Option<SocketAddr>,
+struct Outcome {
     attempts: u32,
     fallback: bool,
     /// Why the gateway answered itself, if it did.
     generated: Option<Generated>,
+    /// `X-Request-Id` sent to the backend.
+    request_id: header::HeaderValue,
+    /// The W3C trace id of the request (continued or started here).
+    trace_id: Option<String>,
+    /// Request body bytes sent, when there is a body.
+    bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Proxy {
@@ -83,54 +88,72 @@ impl Proxy {
             global.requests.inc();
             global.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        let peer = conn.peer;
         let started = Instant::now();
-        let method = req.method().clone();
-        // Kept for the access log; a clone shares the parsed bytes instead of copying them.
-        let uri = req.uri().clone();
+        let time = self.access_log.as_ref().map(|_| std::time::SystemTime::now());
+        // Kept for the access log; clones share the parsed bytes instead of copying them.
+        let (method, uri) = (req.method().clone(), req.uri().clone());
+        let host_header = self.access_log.as_ref().and_then(|_| req.headers().get(header::HOST).cloned());
         let path = uri.path();
         let host = req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(header::HOST)?.to_str().ok());
         // The request finishes on the view it started with, whatever a reload does meanwhile.
         let view = self.view.load_full();
-        let Some(route) = view.router.route(host, path) else {
-            let host = host.unwrap_or("").to_owned();
-            let resp = plain(StatusCode::NOT_FOUND, format!("no route for host `{host}` and path `{path}`\n"));
-            let outcome = Outcome {
-                route: "-",
-                upstream: "-",
-                backend: None,
-                attempts: 0,
-                fallback: false,
-                generated: Some(Generated::NoRoute),
-            };
-            if counting {
-                global.generated(Generated::NoRoute, 404);
-                global.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            self.log(&method, path, peer, &resp, started, &outcome);
-            return resp;
-        };
-        let upstream = &route.upstream;
+        let found = view.router.find(host, path);
         let mut outcome = Outcome {
-            route: &route.name,
-            upstream: &upstream.name,
-            backend: None,
             attempts: 0,
             fallback: false,
             generated: None,
+            request_id: request_id(),
+            trace_id: None,
+            bytes_in: None,
         };
-        let resp = self.forward(conns, req, conn, upstream, &mut outcome, counting).await;
+        let mut resp = match found {
+            None => {
+                let host = host.unwrap_or("").to_owned();
+                outcome.generated = Some(Generated::NoRoute);
+                plain(StatusCode::NOT_FOUND, format!("no route for host `{host}` and path `{path}`\n"))
+            }
+            Some(index) => {
+                let route = &view.router.routes()[index];
+                let resp = self.forward(conns, req, conn, &route.upstream, &mut outcome, counting).await;
+                if counting {
+                    let shard = route.metrics.shards.local();
+                    shard.requests[metrics::class(resp.status().as_u16())].inc();
+                    shard.duration.observe(started.elapsed());
+                }
+                resp
+            }
+        };
         if counting {
-            let status = resp.status().as_u16();
-            let shard = route.metrics.shards.local();
-            shard.requests[metrics::class(status)].inc();
-            shard.duration.observe(started.elapsed());
             if let Some(reason) = outcome.generated {
-                global.generated(reason, status);
+                global.generated(reason, resp.status().as_u16());
             }
             global.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
-        self.log(&method, path, peer, &resp, started, &outcome);
+        if let (Some(log), Some(time)) = (&self.access_log, time) {
+            let line = log::Pending {
+                log: log.clone(),
+                view: view.clone(),
+                route: found,
+                time,
+                started,
+                method,
+                uri,
+                host: host_header,
+                request_id: outcome.request_id,
+                trace_id: outcome.trace_id,
+                client: conn.peer.ip(),
+                status: resp.status().as_u16(),
+                attempts: outcome.attempts,
+                fallback: outcome.fallback,
+                bytes_in: outcome.bytes_in,
+                reason: outcome.generated.map(|g| Generated::LABELS[g as usize]),
+            };
+            match resp.body_mut() {
+                // A backend's body: the line waits for its end (bytes, full duration).
+                ResponseBody::Upstream { log, .. } => *log = Some(Box::new(line)),
+                ResponseBody::Full(data) => line.record(None, data.as_ref().map_or(0, |d| d.len() as u64)),
+            }
+        }
         resp
     }
 
@@ -140,7 +163,7 @@ impl Proxy {
         req: Request<Incoming>,
         conn: &ClientConn,
         upstream: &Upstream,
-        outcome: &mut Outcome<'_>,
+        outcome: &mut Outcome,
         counting: bool,
     ) -> Response<ResponseBody> {
         let (mut parts, incoming) = req.into_parts();
@@ -149,16 +172,21 @@ impl Proxy {
         // backend, and take the client side of the connection for the tunnel.
         let upgrade = headers::upgrade_protocol(&parts.headers);
         let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
-        let request_id = request_id();
+        let trace = trace::Trace::from_client(&parts.headers);
+        if self.access_log.is_some() {
+            outcome.trace_id = Some(trace.id().to_owned());
+        }
         let forwarding = headers::Forwarding {
             client_ip: &conn.ip,
             authority: authority.as_ref(),
-            request_id: &request_id,
+            request_id: &outcome.request_id,
             upgrade: upgrade.as_ref(),
+            trace: &trace,
         };
         let peer = conn.peer;
         let body =
             if incoming.is_end_stream() { RequestBody::Empty } else { RequestBody::Stream(Replayable::new(incoming)) };
+        outcome.bytes_in = body.sent();
         let idempotent = is_idempotent(&parts.method);
         // Backends get origin-form targets: `/path?query`.
         let target: Uri = parts.uri.path_and_query().map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
@@ -194,7 +222,6 @@ impl Proxy {
             let member = &pool.members[index];
             let entry = &member.entry;
             outcome.attempts += 1;
-            outcome.backend = Some(entry.addr);
             tried.push(index as u32);
 
             // Built afresh for each attempt from the client's headers, which stay as
@@ -281,40 +308,11 @@ impl Proxy {
 
     fn failed(&self, upstream: &Upstream, entry: &Arc<crate::pool::BackendEntry>, reason: &str) {
         let streak = entry.stats.failure();
-        tracing::debug!(upstream = %upstream.name, backend = %entry.addr, streak, "request failed: {reason}");
+        tracing::debug!(upstream = %upstream.name, backend = %entry.id, address = %entry.addr, streak, "request failed: {reason}");
         let threshold = upstream.passive.consecutive_failures;
         if threshold > 0 && streak == threshold {
             self.reporter.eject(&upstream.name, &entry.id, reason);
         }
-    }
-
-    fn log(
-        &self,
-        method: &Method,
-        path: &str,
-        peer: SocketAddr,
-        resp: &Response<ResponseBody>,
-        started: Instant,
-        o: &Outcome<'_>,
-    ) {
-        if !self.access_log {
-            return;
-        }
-        let backend = o.backend.map(|b| b.to_string());
-        tracing::info!(
-            target: "access",
-            client = %peer.ip(),
-            method = %method,
-            path,
-            status = resp.status().as_u16(),
-            route = o.route,
-            upstream = o.upstream,
-            backend = backend.as_deref().unwrap_or("-"),
-            attempts = o.attempts,
-            fallback = o.fallback,
-            ms = started.elapsed().as_secs_f64() * 1e3,
-            "request"
-        );
     }
 }
 
@@ -365,7 +363,10 @@ fn finish(
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
     add_headers(&mut parts.headers, extra);
-    Response::from_parts(parts, ResponseBody::Upstream { body, guard: Some(guard), conn: Some(conn), bytes: 0 })
+    Response::from_parts(
+        parts,
+        ResponseBody::Upstream { body, guard: Some(guard), conn: Some(conn), bytes: 0, log: None },
+    )
 }
 
 /// Adds a plugin's response headers; names or values that are not valid HTTP are skipped.

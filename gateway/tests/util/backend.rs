@@ -37,6 +37,8 @@ pub struct Hit {
     pub method: String,
     /// Path and query.
     pub path: String,
+    /// The request headers as the backend received them.
+    pub headers: hyper::HeaderMap,
 }
 
 /// A test backend; stopped when dropped.
@@ -205,7 +207,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     let seen_version = format!("{:?}", req.version());
     let seen_host = req.headers().get(hyper::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
     if path != "/healthz" {
-        state.hits.lock().unwrap().push(Hit { method: method.to_string(), path: path.clone() });
+        state.hits.lock().unwrap().push(Hit {
+            method: method.to_string(),
+            path: path.clone(),
+            headers: req.headers().clone(),
+        });
         if !state.latency.is_zero() {
             tokio::time::sleep(state.latency).await;
         }

@@ -1,0 +1,70 @@
+//! The access-log line of one request: what the request path knows when the response
+//! headers go out, completed with the body's bytes when the body ends (then the line is
+//! handed to the non-blocking [`AccessLog`]).
+
+use crate::access_log::{AccessLog, Entry};
+use crate::view::View;
+use http::{HeaderValue, Method, Uri};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Instant, SystemTime};
+
+/// A line waiting for its response body to end.
+#[derive(Debug)]
+pub struct Pending {
+    pub(super) log: Arc<AccessLog>,
+    pub(super) view: Arc<View>,
+    /// Index of the route in `view`, or none (no route matched).
+    pub(super) route: Option<usize>,
+    pub(super) time: SystemTime,
+    pub(super) started: Instant,
+    pub(super) method: Method,
+    pub(super) uri: Uri,
+    pub(super) host: Option<HeaderValue>,
+    pub(super) request_id: HeaderValue,
+    pub(super) trace_id: Option<String>,
+    pub(super) client: IpAddr,
+    pub(super) status: u16,
+    pub(super) attempts: u32,
+    pub(super) fallback: bool,
+    /// Request body bytes passed to the backend (shared with the attempts).
+    pub(super) bytes_in: Option<Arc<AtomicU64>>,
+    pub(super) reason: Option<&'static str>,
+}
+
+impl Pending {
+    /// Writes the line: the response went to the client from `backend` (its id, or
+    /// none when the gateway answered itself) with `bytes_out` body bytes.
+    pub fn record(self, backend: Option<&str>, bytes_out: u64) {
+        let route = self.route.and_then(|i| self.view.router.routes().get(i));
+        let plugin = route.map(|r| r.upstream.selector.binding().plugin());
+        let path = self.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let host = self
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| self.host.as_ref().and_then(|h| h.to_str().ok()))
+            .unwrap_or("-");
+        self.log.record(&Entry {
+            time: self.time,
+            request_id: self.request_id.to_str().unwrap_or("-"),
+            trace_id: self.trace_id.as_deref(),
+            client: self.client,
+            method: &self.method,
+            host,
+            path,
+            status: self.status,
+            route: route.map_or("-", |r| r.name.as_str()),
+            upstream: route.map_or("-", |r| r.upstream.name.as_str()),
+            backend: backend.unwrap_or("-"),
+            strategy: plugin.as_ref().map_or("-", |p| p.name.as_str()),
+            attempts: self.attempts,
+            fallback: self.fallback,
+            bytes_in: self.bytes_in.as_ref().map_or(0, |b| b.load(Relaxed)),
+            bytes_out,
+            duration: self.started.elapsed(),
+            reason: self.reason,
+        });
+    }
+}
