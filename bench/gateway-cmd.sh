@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # The gateway as lbbench's "gateway under test": one worker thread, Wasm round robin,
-# no access log (HAProxy and nginx in the harness log nothing either).
+# no access log (HAProxy and nginx in the harness log nothing either), metrics on (the
+# default). Extra arguments go to the gateway (e.g. --no-metrics); `--with-access-log FILE`
+# turns the access log on, written to FILE.
 # lbbench exports LBBENCH_PORT and LBBENCH_BACKENDS (comma-separated host:port).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+log=(--no-access-log)
+if [ "${1:-}" = "--with-access-log" ]; then
+  log=(--access-log "$2")
+  shift 2
+fi
 args=()
 for b in ${LBBENCH_BACKENDS//,/ }; do args+=(-b "$b"); done
-exec target/release/gateway --listen "127.0.0.1:${LBBENCH_PORT}" --threads 1 --no-access-log \
-  --strategy "${GATEWAY_STRATEGY:-round-robin}" "${args[@]}"
+exec target/release/gateway --listen "127.0.0.1:${LBBENCH_PORT}" --threads 1 "${log[@]}" \
+  --strategy "${GATEWAY_STRATEGY:-round-robin}" "${args[@]}" "$@"

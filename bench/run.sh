@@ -5,6 +5,8 @@
 #   bench/run.sh                       # pinned (wrk on cpu0, proxies + backends on cpu1), c=50 and c=200
 #   bench/run.sh --rounds 6 --duration 5
 #   GATEWAY_STRATEGY=random bench/run.sh
+#   bench/run.sh --variants            # also the gateway with metrics off and with the access
+#                                      # log on (to a file), in the same interleaved rounds
 #
 # Results: the RESULT lines at the end, and the output dir it names. The harness in
 # bench/harness/ is the team's lbbench (see bench/harness/README.md).
@@ -18,6 +20,14 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq haproxy nginx wrk curl >/dev/null
 fi
 
+extra=()
+if [ "${1:-}" = "--variants" ]; then
+  shift
+  log="$(mktemp -d)/access.log"
+  extra=(--extra-gw "gateway-no-metrics=bench/gateway-cmd.sh --no-metrics"
+         --extra-gw "gateway-access-log=bench/gateway-cmd.sh --with-access-log $log")
+fi
+
 cargo build --release -p gateway
 exec bench/harness/lbbench.sh --pin split --systems "direct haproxy-t1 nginx-w1" \
-  --gw-name gateway-wasm-rr --gw-cmd "bench/gateway-cmd.sh" "$@"
+  --gw-name gateway-wasm-rr --gw-cmd "bench/gateway-cmd.sh" "${extra[@]}" "$@"

@@ -61,9 +61,16 @@ pub struct RunArgs {
     /// Plugins folder [default: ./plugins].
     #[arg(long, value_name = "DIR")]
     pub plugins: Option<PathBuf>,
-    /// Admin API address, e.g. 127.0.0.1:9901 [default: off].
-    #[arg(long, value_name = "ADDR")]
+    /// Admin listener (stats page, metrics, API): a port (on 127.0.0.1) or IP:PORT
+    /// [default: off]. An address other than loopback needs --admin-token-file.
+    #[arg(long, value_name = "ADDR", value_parser = parse_admin)]
     pub admin: Option<SocketAddr>,
+    /// A file holding the admin API's bearer token.
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Do not record per-request metrics (to measure what they cost).
+    #[arg(long)]
+    pub no_metrics: bool,
     /// Worker threads [default: one per core].
     #[arg(long)]
     pub threads: Option<usize>,
@@ -80,14 +87,31 @@ pub enum Command {
         /// Port for the gateway.
         #[arg(short, long, default_value_t = 8080)]
         port: u16,
-        /// Admin API address (stop/start demo backends here).
-        #[arg(long, default_value = "127.0.0.1:9901")]
+        /// Admin listener: stats page, metrics, API (stop/start demo backends here).
+        #[arg(long, default_value = "127.0.0.1:9901", value_parser = parse_admin)]
         admin: SocketAddr,
+    },
+    /// Validate config files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
     },
     /// Check, list and export strategy plugins.
     Plugin {
         #[command(subcommand)]
         command: PluginCommand,
+    },
+}
+
+/// `gateway config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Check FILE like the gateway would at start or on reload (syntax, fields,
+    /// references, and that every plugin it names loads and accepts its params), without
+    /// starting anything. Exits non-zero with the message when it is not valid.
+    Check {
+        /// The config file.
+        file: PathBuf,
     },
 }
 
@@ -183,6 +207,12 @@ impl RunArgs {
         if let Some(admin) = self.admin {
             config.admin.address = Some(admin);
         }
+        if let Some(token) = &self.admin_token_file {
+            config.admin.token_file = Some(token.clone());
+        }
+        if self.no_metrics {
+            config.metrics.enabled = false;
+        }
         if let Some(t) = self.threads {
             config.threads = t;
         }
@@ -191,6 +221,14 @@ impl RunArgs {
         }
         Ok(())
     }
+}
+
+/// `PORT` (on 127.0.0.1) or `IP:PORT`.
+fn parse_admin(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse().map_err(|_| format!("`{s}`: expected a port (e.g. 9901, on 127.0.0.1) or IP:PORT (e.g. 127.0.0.1:9901)"))
 }
 
 fn parse_listen(s: &str, default_port: u16) -> anyhow::Result<SocketAddr> {

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let config = args.to_config()?;
-    let (gw, receiver) = Gateway::build(config)?;
+    let (gw, receiver) = Gateway::build_from(config, args.config.clone())?;
     server::run(gw, receiver, None, CancellationToken::new())?;
     Ok(ExitCode::SUCCESS)
 }
@@ -37,22 +37,58 @@ pub fn demo(port: u16, admin: SocketAddr) -> anyhow::Result<ExitCode> {
     let mut config = Config::single(listen, upstream);
     config.admin.address = Some(admin);
     let (gw, receiver) = Gateway::build(config)?;
-    let plugin = gw.upstreams[0].selector.binding().plugin();
+    let plugin = gw.view().upstreams[0].selector.binding().plugin();
     let list: Vec<String> =
         backends.addrs().iter().enumerate().map(|(i, a)| format!("backend-{} {a}", i + 1)).collect();
     println!(
         "\nDemo book store: the gateway on http://{listen} balances three backends ({}),\n\
          choosing with the Wasm plugin `{}` ({}); health checks GET /healthz every second.\n\n\
+         Live stats page (open it in a browser):  http://{admin}/\n\n\
          Try it:\n    for i in 1 2 3 4; do curl -s http://{listen}/book/dune; done\n\n\
-         Stop backend 3 and watch the gateway route around it (start brings it back):\n    \
+         Stop backend 3 and watch the gateway route around it on the stats page (start brings it back):\n    \
          curl -X POST http://{admin}/demo/backends/3/stop\n    curl -s http://{admin}/api/upstreams\n    \
-         curl -X POST http://{admin}/demo/backends/3/start\n\nCtrl-C stops the demo.\n",
+         curl -X POST http://{admin}/demo/backends/3/start\n\n\
+         Prometheus metrics:  curl -s http://{admin}/metrics\n\nCtrl-C stops the demo.\n",
         list.join(", "),
         plugin.name,
         plugin.origin,
     );
     let ext: Arc<dyn gateway::admin::Extension> = backends;
     server::run(gw, receiver, Some(ext), CancellationToken::new())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn config_check(file: &Path) -> anyhow::Result<ExitCode> {
+    let config = match config::load(file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("invalid: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    // Plugins: every strategy must load and accept its params, as at start. The
+    // compiled cache is used, so a plugin compiled before is checked quickly.
+    let host = PluginHost::new(&config.plugins)?;
+    for (name, up) in &config.upstreams {
+        let checked = host.resolve(&up.strategy.plugin).and_then(|p| host.bind(name, p, &up.strategy.params));
+        if let Err(e) = checked {
+            eprintln!("invalid: {}: upstreams.{name}.strategy: {e}", file.display());
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    if let Some(addr) = config.admin.address
+        && let Err(e) = gateway::admin::Auth::new(addr, config.admin.token_file.as_deref(), config.admin.public_metrics)
+    {
+        eprintln!("invalid: {}: admin: {e}", file.display());
+        return Ok(ExitCode::FAILURE);
+    }
+    let backends: usize = config.upstreams.values().map(|u| u.backends.len()).sum();
+    println!(
+        "ok: {} is valid ({} upstream(s), {backends} backend(s), {} route(s); every strategy loaded and accepted its params)",
+        file.display(),
+        config.upstreams.len(),
+        config.effective_routes().len(),
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -5,8 +5,7 @@
 //! - `POST /demo/backends/{n}/stop` — closes backend `n`'s listener and connections
 //! - `POST /demo/backends/{n}/start` — brings it back on the same port
 
-use crate::admin::{Extension, json_response};
-use crate::proxy::ResponseBody;
+use crate::admin::{AdminResponse, Extension, json_response};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -151,7 +150,7 @@ fn book_store(backend: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 }
 
 impl Extension for DemoBackends {
-    fn handle(&self, method: &Method, path: &str) -> Option<Response<ResponseBody>> {
+    fn handle(&self, method: &Method, path: &str) -> Option<AdminResponse> {
         let rest = path.strip_prefix("/demo/backends/")?;
         let (n, action) = rest.split_once('/')?;
         if method != Method::POST || !matches!(action, "stop" | "start") {

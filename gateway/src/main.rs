@@ -1,7 +1,7 @@
 //! The `gateway` binary: parse arguments, build, run. Nothing else.
 
 use clap::Parser;
-use gateway::cli::{Cli, Command, LogFormat, PluginCommand};
+use gateway::cli::{Cli, Command, ConfigCommand, LogFormat, PluginCommand};
 use std::process::ExitCode;
 
 mod commands;
@@ -18,6 +18,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => commands::run(&cli.run),
         Some(Command::Demo { port, admin }) => commands::demo(port, admin),
+        Some(Command::Config { command: ConfigCommand::Check { file } }) => commands::config_check(&file),
         Some(Command::Plugin { command }) => match command {
             PluginCommand::Check { file, params } => commands::plugin_check(&file, &params),
             PluginCommand::List { plugins } => commands::plugin_list(&plugins),

@@ -14,6 +14,8 @@ pub struct Route {
     prefix: String,
     /// Where matching requests go.
     pub upstream: Arc<Upstream>,
+    /// Requests and latency as the client sees them (kept across reloads by name).
+    pub metrics: Arc<crate::metrics::RouteMetrics>,
 }
 
 #[derive(Debug)]
@@ -36,8 +38,10 @@ impl Router {
         let routes = routes
             .iter()
             .enumerate()
-            .map(|(i, r)| Route {
-                name: r.name.clone().unwrap_or_else(|| format!("route-{i}")),
+            .map(|(i, r)| (r.name.clone().unwrap_or_else(|| format!("route-{i}")), r))
+            .map(|(name, r)| Route {
+                metrics: crate::metrics::control().route(&name),
+                name,
                 host: match r.host.as_deref() {
                     None | Some("*") => HostMatch::Any,
                     Some(h) => match h.strip_prefix('*') {
@@ -50,6 +54,11 @@ impl Router {
             })
             .collect();
         Router { routes }
+    }
+
+    /// Every route, in order.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
     }
 
     /// The first route matching `host` (port ignored) and `path`.

@@ -2,10 +2,12 @@
 //! `SO_REUSEPORT` listener socket and upstream client; a control loop on the main thread
 //! for health checks, the admin API and signals; graceful shutdown.
 
-use crate::admin::{self, Extension};
+use crate::admin::{self, Auth, Extension};
 use crate::gateway::Gateway;
 use crate::health;
+use crate::metrics;
 use crate::proxy;
+use crate::reload::{self, Trigger};
 use anyhow::Context as _;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -46,10 +48,7 @@ pub fn run(
     extension: Option<Arc<dyn Extension>>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let threads = match gw.config.threads {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        n => n,
-    };
+    let threads = gw.config.worker_threads();
     let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..threads).map(|_| Vec::new()).collect();
     for l in &gw.config.listeners {
         let sockets = bind(l.address, threads)?;
@@ -59,10 +58,13 @@ pub fn run(
         }
     }
     let admin_listener = match gw.config.admin.address {
-        Some(addr) => Some(bind(addr, 1)?.remove(0)),
+        Some(addr) => {
+            let auth = Auth::new(addr, gw.config.admin.token_file.as_deref(), gw.config.admin.public_metrics)?;
+            Some((bind(addr, 1)?.remove(0), Arc::new(auth)))
+        }
         None => None,
     };
-    for up in &gw.upstreams {
+    for up in &gw.view().upstreams {
         let plugin = up.selector.binding().plugin();
         tracing::info!(upstream = %up.name, backends = up.pool.load().members.len(), plugin = %plugin.name, origin = %plugin.origin, "upstream ready");
     }
@@ -75,27 +77,35 @@ pub fn run(
             let (gw, stop) = (gw.clone(), stop.clone());
             std::thread::Builder::new()
                 .name(format!("worker-{i}"))
-                .spawn(move || worker(gw, listeners, stop, grace))
+                .spawn(move || {
+                    metrics::enter_worker(i);
+                    worker(gw, listeners, stop, grace)
+                })
                 .context("spawn worker thread")
         })
         .collect::<anyhow::Result<_>>()?;
 
     let control = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     control.block_on(async {
-        health::run(gw.upstreams.clone(), receiver, stop.clone());
+        gw.start_health_checks(&stop);
+        let lookup_gw = gw.clone();
+        health::run_passive(Arc::new(move |name| lookup_gw.upstream(name)), receiver, stop.clone());
         if gw.plugins.watch_enabled() {
             crate::plugin::watch(gw.plugins.clone(), stop.clone());
         }
-        if let Some(listener) = admin_listener {
+        reload::watch(gw.clone(), stop.clone());
+        if let Some((listener, auth)) = admin_listener {
             let addr = listener.local_addr()?;
-            tracing::info!(address = %addr, "admin API listening");
+            tracing::info!(address = %addr, stats_page = %format!("http://{addr}/"), token = auth.has_token(), "admin API listening");
             tokio::spawn(admin::serve(
                 tokio::net::TcpListener::from_std(listener)?,
                 gw.clone(),
                 extension,
+                auth,
                 stop.clone(),
             ));
         }
+        reload_on_sighup(gw.clone(), stop.clone());
         wait_for_signal(&stop).await;
         anyhow::Ok(())
     })?;
@@ -105,6 +115,27 @@ pub fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP reloads the config file.
+fn reload_on_sighup(gw: Arc<Gateway>, stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                s = hup.recv() => if s.is_none() { return },
+            }
+            if gw.config_path.is_none() {
+                tracing::warn!(
+                    "SIGHUP: this gateway was started without --config FILE; there is no config file to reload"
+                );
+                continue;
+            }
+            let _ = reload::reload(&gw, Trigger::Signal).await;
+        }
+    });
 }
 
 async fn wait_for_signal(stop: &CancellationToken) {
@@ -133,7 +164,7 @@ fn worker(gw: Arc<Gateway>, listeners: Vec<std::net::TcpListener>, stop: Cancell
     };
     rt.block_on(async move {
         // Create this thread's plugin instances before the first request needs them.
-        for up in &gw.upstreams {
+        for up in &gw.view().upstreams {
             if let Err(e) = up.selector.binding().warm(&up.pool.snapshot()) {
                 tracing::warn!(upstream = %up.name, "warming the plugin failed: {e}");
             }
@@ -143,13 +174,14 @@ fn worker(gw: Arc<Gateway>, listeners: Vec<std::net::TcpListener>, stop: Cancell
         let warm_gw = gw.clone();
         tokio::spawn(async move {
             while let Some(generation) = warmer.changed().await {
-                for up in &warm_gw.upstreams {
+                for up in &warm_gw.view().upstreams {
                     up.selector.binding().warm_staged(&up.pool.snapshot());
                 }
                 warmer.done(generation);
             }
         });
-        let connect_timeout = gw.upstreams.iter().map(|u| u.timeouts.connect).min().unwrap_or(Duration::from_secs(2));
+        let connect_timeout =
+            gw.view().upstreams.iter().map(|u| u.timeouts.connect).min().unwrap_or(Duration::from_secs(2));
         let conns = proxy::Conns::new(connect_timeout);
         // One Arc per request instead of cloning the gateway and the pool separately.
         let worker = Arc::new((gw.clone(), conns));
@@ -196,6 +228,9 @@ fn worker(gw: Arc<Gateway>, listeners: Vec<std::net::TcpListener>, stop: Cancell
                 c = conn_rx.recv() => match c { Some(c) => c, None => break },
             };
             let _ = stream.set_nodelay(true);
+            if metrics::enabled() {
+                metrics::global().local().connections.inc();
+            }
             let (worker, conn) = (worker.clone(), Arc::new(proxy::ClientConn::new(peer)));
             let service = service_fn(move |req| {
                 let (worker, conn) = (worker.clone(), conn.clone());
@@ -205,7 +240,14 @@ fn worker(gw: Arc<Gateway>, listeners: Vec<std::net::TcpListener>, stop: Cancell
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
-                    tracing::debug!(client = %peer, "connection ended with an error: {e}");
+                    // hyper answers malformed requests itself (400, 431) and ends the
+                    // connection: they never reach the proxy, so count them here.
+                    if let Some(status) = refused_status(&*e) {
+                        metrics::global().local().generated(metrics::Generated::BadRequest, status);
+                        tracing::debug!(client = %peer, status, "malformed request refused: {e}");
+                    } else {
+                        tracing::debug!(client = %peer, "connection ended with an error: {e}");
+                    }
                 }
             });
         }
@@ -216,4 +258,23 @@ fn worker(gw: Arc<Gateway>, listeners: Vec<std::net::TcpListener>, stop: Cancell
             }
         }
     });
+}
+
+/// The status hyper answered a malformed request with, if that is how the connection
+/// ended: 431 for a head over the size limit, 400 for a parse error.
+fn refused_status(e: &(dyn std::error::Error + 'static)) -> Option<u16> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_parse_too_large() {
+                return Some(431);
+            }
+            if h.is_parse() {
+                return Some(400);
+            }
+            return None;
+        }
+        cur = err.source();
+    }
+    None
 }

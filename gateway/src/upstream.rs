@@ -2,8 +2,9 @@
 //! policies (retries, timeouts, health) that apply to them.
 
 use crate::config;
+use crate::metrics::UpstreamMetrics;
 use crate::plugin::{PluginError, PluginHost};
-use crate::pool::{BackendEntry, Pool};
+use crate::pool::{BackendEntry, Member, Pool, Status};
 use crate::select::Selector;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -15,8 +16,9 @@ pub struct Upstream {
     pub name: String,
     /// The current backends and their health.
     pub pool: Pool,
-    /// Chooses a backend per request.
-    pub selector: Selector,
+    /// Chooses a backend per request (shared with the previous version of this
+    /// upstream when a reload left its strategy unchanged).
+    pub selector: Arc<Selector>,
     /// Retry policy.
     pub retries: config::Retries,
     /// Timeouts towards the backends.
@@ -25,6 +27,10 @@ pub struct Upstream {
     pub health_check: config::HealthCheck,
     /// Passive ejection.
     pub passive: config::Passive,
+    /// Retries, decisions, plugin failures (kept across reloads by name).
+    pub metrics: Arc<UpstreamMetrics>,
+    /// The config it was built from, to tell what a reload changed.
+    pub config: config::Upstream,
 }
 
 /// Why an upstream could not be built.
@@ -67,30 +73,70 @@ impl Upstream {
         defaults: &config::Timeouts,
         host: &Arc<PluginHost>,
     ) -> Result<Self, BuildError> {
-        let mut entries: Vec<Arc<BackendEntry>> = Vec::with_capacity(cfg.backends.len());
+        Self::rebuild(name, cfg, defaults, host, None)
+    }
+
+    /// Builds the upstream `name` for a config reload, keeping from `previous` what is
+    /// unchanged: a backend with the same id, address, weight, zone and labels keeps its
+    /// entry (live counters, in-flight requests, metrics) and its health status; an
+    /// unchanged strategy keeps its plugin binding (warm instances; host-held counters
+    /// and key-value state are kept by upstream name either way).
+    pub fn rebuild(
+        name: &str,
+        cfg: &config::Upstream,
+        defaults: &config::Timeouts,
+        host: &Arc<PluginHost>,
+        previous: Option<&Upstream>,
+    ) -> Result<Self, BuildError> {
+        let old = previous.map(|p| p.pool.snapshot());
+        let mut members: Vec<Member> = Vec::with_capacity(cfg.backends.len());
         for b in &cfg.backends {
             let addr = resolve(&b.address).map_err(|reason| BuildError::Resolve {
                 upstream: name.into(),
                 address: b.address.clone(),
                 reason,
             })?;
-            if entries.iter().any(|e| e.id == b.id()) {
+            if members.iter().any(|m| m.entry.id == b.id()) {
                 return Err(BuildError::DuplicateId { upstream: name.into(), id: b.id().into() });
             }
-            let labels = b.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            entries.push(Arc::new(BackendEntry::new(b.id().into(), addr, b.weight, b.zone.clone(), labels)));
+            let labels: Vec<(String, String)> = b.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let kept = old.as_ref().and_then(|snap| {
+                snap.members.iter().find(|m| {
+                    let e = &m.entry;
+                    e.id == b.id()
+                        && e.addr == addr
+                        && e.weight == b.weight.max(1)
+                        && e.zone == b.zone
+                        && e.labels == labels
+                })
+            });
+            members.push(match kept {
+                Some(m) => m.clone(),
+                None => Member {
+                    entry: Arc::new(BackendEntry::new(b.id().into(), addr, b.weight, b.zone.clone(), labels)),
+                    status: Status::UP,
+                },
+            });
         }
-        let plugin_err = |error| BuildError::Plugin { upstream: name.into(), error };
-        let plugin = host.resolve(&cfg.strategy.plugin).map_err(plugin_err)?;
-        let binding = host.bind(name, plugin, &cfg.strategy.params).map_err(plugin_err)?;
+        let selector = match previous {
+            Some(p) if p.config.strategy == cfg.strategy => p.selector.clone(),
+            _ => {
+                let plugin_err = |error| BuildError::Plugin { upstream: name.into(), error };
+                let plugin = host.resolve(&cfg.strategy.plugin).map_err(plugin_err)?;
+                let binding = host.bind(name, plugin, &cfg.strategy.params).map_err(plugin_err)?;
+                Arc::new(Selector::with_metrics(binding, crate::metrics::control().upstream(name)))
+            }
+        };
         Ok(Upstream {
             name: name.into(),
-            pool: Pool::new(entries),
-            selector: Selector::new(binding),
+            pool: Pool::with_members(members),
+            selector,
             retries: cfg.retries.clone(),
             timeouts: cfg.timeouts.clone().unwrap_or_else(|| defaults.clone()),
             health_check: cfg.health_check.clone(),
             passive: cfg.passive.clone(),
+            metrics: crate::metrics::control().upstream(name),
+            config: cfg.clone(),
         })
     }
 }

@@ -108,6 +108,27 @@ pub fn validate(config: &Config) -> Result<(), Problem> {
             ));
         }
     }
+    zero_timeouts(&config.timeouts, "timeouts")?;
+    let p = &config.plugins;
+    for (f, d) in [("deadline", p.deadline), ("setup_deadline", p.setup_deadline)] {
+        if d.is_zero() {
+            return Err((format!("plugins.{f}"), Some(format!("{f}:")), "must be longer than 0s (e.g. 20ms)".into()));
+        }
+    }
+    if p.memory_limit_mib == 0 {
+        return Err((
+            "plugins.memory_limit_mib".into(),
+            Some("memory_limit_mib".into()),
+            "must be at least 1 (MiB)".into(),
+        ));
+    }
+    if config.shutdown_grace.is_zero() {
+        return Err((
+            "shutdown_grace".into(),
+            Some("shutdown_grace".into()),
+            "must be longer than 0s (in-flight requests need time to finish)".into(),
+        ));
+    }
     for (name, up) in &config.upstreams {
         for (i, b) in up.backends.iter().enumerate() {
             check_address(b)
@@ -122,6 +143,20 @@ pub fn validate(config: &Config) -> Result<(), Problem> {
         }
         let field = |f: &str| format!("upstreams.{name}.{f}");
         let hc = &up.health_check;
+        let durations = [
+            ("health_check.interval", "interval", hc.interval),
+            ("health_check.timeout", "timeout", hc.timeout),
+            ("passive.base_ejection", "base_ejection", up.passive.base_ejection),
+            ("passive.max_ejection", "max_ejection", up.passive.max_ejection),
+        ];
+        for (f, key, d) in durations {
+            if d.is_zero() {
+                return Err((field(f), Some(key.into()), "must be longer than 0s (e.g. 2s)".into()));
+            }
+        }
+        if let Some(t) = &up.timeouts {
+            zero_timeouts(t, &format!("upstreams.{name}.timeouts"))?;
+        }
         if hc.rise == 0 || hc.fall == 0 {
             return Err((field("health_check"), Some("rise".into()), "rise and fall must be at least 1".into()));
         }
@@ -143,6 +178,15 @@ pub fn validate(config: &Config) -> Result<(), Problem> {
             && !path.starts_with('/')
         {
             return Err((field("health_check.path"), Some(path.clone()), format!("`{path}` must start with `/`")));
+        }
+    }
+    Ok(())
+}
+
+fn zero_timeouts(t: &super::Timeouts, at: &str) -> Result<(), Problem> {
+    for (f, d) in [("connect", t.connect), ("response_header", t.response_header)] {
+        if d.is_zero() {
+            return Err((format!("{at}.{f}"), Some(format!("{f}:")), "must be longer than 0s (e.g. 2s)".into()));
         }
     }
     Ok(())
@@ -224,6 +268,16 @@ mod tests {
         assert_eq!(c.upstreams.len(), 2);
         assert_eq!(c.routes[0].host.as_deref(), Some("api.example.com"));
         assert_eq!(c.upstreams["api"].backends[1].id(), "api-canary");
+    }
+
+    #[test]
+    fn zero_durations_that_cannot_work_are_refused_with_line_and_field() {
+        let e = err(
+            "upstreams:\n  web:\n    health_check:\n      interval: 0s\n    backends:\n      - address: 127.0.0.1:9001\n",
+        );
+        assert_eq!(e, "gw.yaml:4: upstreams.web.health_check.interval: must be longer than 0s (e.g. 2s)");
+        let e = err("plugins:\n  deadline: 0ms\nupstreams:\n  web:\n    backends:\n      - address: 127.0.0.1:9001\n");
+        assert!(e.starts_with("gw.yaml:2: plugins.deadline:"), "{e}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::time::Duration;
 pub use load::{ConfigError, from_yaml, load, validate};
 
 /// The whole configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Addresses the proxy accepts client connections on.
@@ -45,10 +45,23 @@ pub struct Config {
     /// One log line per request (route, backend, status, latency, attempts).
     #[serde(default = "yes")]
     pub access_log: bool,
+    /// Prometheus metrics.
+    #[serde(default)]
+    pub metrics: Metrics,
+}
+
+/// Metrics recording.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// Record per-request metrics (`/metrics`, the stats page). Default true; off only
+    /// to measure what they cost.
+    #[serde(default = "yes")]
+    pub enabled: bool,
 }
 
 /// One listening address.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listener {
     /// `ip:port`, e.g. `0.0.0.0:8080`.
@@ -56,7 +69,7 @@ pub struct Listener {
 }
 
 /// A routing rule: requests whose host and path match go to `upstream`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     /// Name shown in logs; defaults to `route-N`.
@@ -73,7 +86,7 @@ pub struct Route {
 }
 
 /// A group of backends and how to choose among them.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
     /// The backends; at least one.
@@ -97,7 +110,7 @@ pub struct Upstream {
 }
 
 /// One backend server.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Backend {
     /// `host:port` (an IP address; names are resolved once at start).
@@ -117,7 +130,7 @@ pub struct Backend {
 }
 
 /// Which plugin picks the backend.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Strategy {
     /// Plugin name: a built-in, or `NAME.wasm` in the plugins folder (which wins).
@@ -129,7 +142,7 @@ pub struct Strategy {
 }
 
 /// Active health checking of every backend.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     /// Turn active checks on.
@@ -156,7 +169,7 @@ pub struct HealthCheck {
 }
 
 /// Passive health (Envoy's outlier detection, simplified).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Passive {
     /// Consecutive failed requests (connect errors, 5xx, timeouts) that eject a backend;
@@ -172,7 +185,7 @@ pub struct Passive {
 }
 
 /// Retry policy.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Retries {
     /// Total attempts per request, first included. Default 3.
@@ -185,7 +198,7 @@ pub struct Retries {
 }
 
 /// Timeouts towards backends.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Timeouts {
     /// TCP connect to a backend, default 2s.
@@ -197,7 +210,7 @@ pub struct Timeouts {
 }
 
 /// Plugin settings.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Plugins {
     /// Folder of `NAME.wasm` files; a missing folder is fine. Default `./plugins`.
@@ -227,12 +240,21 @@ pub struct Plugins {
 }
 
 /// The admin listener.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Admin {
-    /// `ip:port`; none turns the admin listener off. Default none.
+    /// `ip:port`; none turns the admin listener off. Default none. An address that is
+    /// not loopback needs `token_file`.
     #[serde(default)]
     pub address: Option<SocketAddr>,
+    /// A file holding the bearer token every admin request must carry (except `GET /`,
+    /// `/healthz` and, with `public_metrics`, `/metrics`). Default none.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Serve `/metrics` without the token (for a Prometheus without credentials).
+    /// Default false.
+    #[serde(default)]
+    pub public_metrics: bool,
 }
 
 fn yes() -> bool {
@@ -312,7 +334,7 @@ macro_rules! default_from_serde {
         }
     )*};
 }
-default_from_serde!(Strategy, HealthCheck, Passive, Retries, Timeouts, Plugins, Admin);
+default_from_serde!(Strategy, HealthCheck, Passive, Retries, Timeouts, Plugins, Admin, Metrics);
 
 impl Strategy {
     /// `plugin` with no params.
@@ -348,6 +370,15 @@ impl Config {
             threads: 0,
             shutdown_grace: default_grace(),
             access_log: true,
+            metrics: Metrics::default(),
+        }
+    }
+
+    /// Worker threads to run: `threads`, or one per core when 0.
+    pub fn worker_threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n => n,
         }
     }
 

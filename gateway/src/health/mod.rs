@@ -49,19 +49,40 @@ pub struct Receiver {
     rx: mpsc::UnboundedReceiver<Eject>,
 }
 
-/// Runs active checks for every backend of every upstream, and passive ejection, until
-/// `stop` is cancelled. Spawns onto the current runtime.
-pub fn run(upstreams: Vec<Arc<Upstream>>, receiver: Receiver, stop: CancellationToken) {
-    for up in &upstreams {
-        if !up.health_check.enabled {
-            continue;
+/// The active health checks of one view's upstreams; a reload replaces them.
+#[derive(Debug)]
+pub struct Checks {
+    stop: CancellationToken,
+}
+
+impl Checks {
+    /// Starts one check loop per backend of every upstream with checks enabled, on the
+    /// current runtime, until `stop` (or [`Checks::stop`]).
+    pub fn start(upstreams: &[Arc<Upstream>], stop: &CancellationToken) -> Checks {
+        let stop = stop.child_token();
+        for up in upstreams {
+            if !up.health_check.enabled {
+                continue;
+            }
+            for member in up.pool.snapshot().members.iter() {
+                tokio::spawn(check_loop(up.clone(), member.entry.id.clone(), member.entry.addr, stop.clone()));
+            }
         }
-        for member in up.pool.snapshot().members.iter() {
-            tokio::spawn(check_loop(up.clone(), member.entry.id.clone(), member.entry.addr, stop.clone()));
-        }
+        Checks { stop }
     }
-    let by_name = upstreams.into_iter().map(|u| (u.name.clone(), u)).collect();
-    tokio::spawn(passive(by_name, receiver, stop));
+
+    /// Stops these checks (the view they watched was replaced).
+    pub fn stop(self) {
+        self.stop.cancel();
+    }
+}
+
+/// Finds the serving upstream by name (a reload may have replaced it).
+pub type Lookup = Arc<dyn Fn(&str) -> Option<Arc<Upstream>> + Send + Sync>;
+
+/// Runs passive ejection until `stop` is cancelled. Spawns onto the current runtime.
+pub fn run_passive(lookup: Lookup, receiver: Receiver, stop: CancellationToken) {
+    tokio::spawn(passive(lookup, receiver, stop));
 }
 
 async fn check_loop(up: Arc<Upstream>, id: String, addr: std::net::SocketAddr, stop: CancellationToken) {
@@ -69,12 +90,20 @@ async fn check_loop(up: Arc<Upstream>, id: String, addr: std::net::SocketAddr, s
     let mut interval = tokio::time::interval(hc.interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut ok_streak, mut fail_streak) = (0u32, 0u32);
+    let Some(entry) = up.pool.load().members.iter().find(|m| m.entry.id == id).map(|m| m.entry.clone()) else {
+        return;
+    };
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = interval.tick() => {}
         }
-        let result = check::probe(addr, hc).await;
+        let started = Instant::now();
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = check::probe(addr, hc) => r,
+        };
+        entry.metrics.health.record(started.elapsed(), result.as_ref().err().cloned());
         let up_now = up.pool.load().members.iter().find(|m| m.entry.id == id).map(|m| m.status.up);
         let Some(was_up) = up_now else { return };
         match result {
@@ -88,10 +117,9 @@ async fn check_loop(up: Arc<Upstream>, id: String, addr: std::net::SocketAddr, s
                         s.up = true;
                         s.ejected_until = None;
                     });
-                    if let Some(m) = up.pool.load().members.iter().find(|m| m.entry.id == id) {
-                        m.entry.stats.reset_failures();
-                    }
-                    tracing::info!(upstream = %up.name, backend = %addr, checks = ok_streak, "backend is up: health check passed {ok_streak} times in a row");
+                    entry.stats.reset_failures();
+                    entry.metrics.health.to_up.inc();
+                    tracing::info!(upstream = %up.name, backend = %id, address = %addr, checks = ok_streak, "backend is up: health check passed {ok_streak} times in a row");
                 }
             }
             Err(reason) => {
@@ -99,9 +127,10 @@ async fn check_loop(up: Arc<Upstream>, id: String, addr: std::net::SocketAddr, s
                 ok_streak = 0;
                 if was_up && fail_streak >= hc.fall {
                     up.pool.update_status(&id, |s| s.up = false);
-                    tracing::warn!(upstream = %up.name, backend = %addr, checks = fail_streak, "backend is down: {reason} ({fail_streak} checks in a row)");
+                    entry.metrics.health.to_down.inc();
+                    tracing::warn!(upstream = %up.name, backend = %id, address = %addr, checks = fail_streak, "backend is down: {reason} ({fail_streak} checks in a row)");
                 } else if was_up {
-                    tracing::debug!(upstream = %up.name, backend = %addr, "health check failed: {reason}");
+                    tracing::debug!(upstream = %up.name, backend = %id, address = %addr, "health check failed: {reason}");
                 }
             }
         }
@@ -115,21 +144,22 @@ struct History {
     last_end: Option<Instant>,
 }
 
-async fn passive(upstreams: HashMap<String, Arc<Upstream>>, mut receiver: Receiver, stop: CancellationToken) {
+async fn passive(lookup: Lookup, mut receiver: Receiver, stop: CancellationToken) {
     let mut history: HashMap<(String, String), History> = HashMap::new();
     loop {
         let ev = tokio::select! {
             _ = stop.cancelled() => return,
             ev = receiver.rx.recv() => match ev { Some(ev) => ev, None => return },
         };
-        let Some(up) = upstreams.get(&ev.upstream) else {
+        let Some(up) = lookup(&ev.upstream) else {
             continue;
         };
         let p = &up.passive;
         let snap = up.pool.snapshot();
-        let Some(addr) = snap.members.iter().find(|m| m.entry.id == ev.backend).map(|m| m.entry.addr) else {
+        let Some(entry) = snap.members.iter().find(|m| m.entry.id == ev.backend).map(|m| m.entry.clone()) else {
             continue;
         };
+        let addr = entry.addr;
         // Never eject so many that less than half of the backends are left: passive
         // signals are noisy; active checks take truly dead backends out.
         let ejected = snap.members.iter().filter(|m| m.status.ejected_until.is_some()).count();
@@ -148,6 +178,7 @@ async fn passive(upstreams: HashMap<String, Arc<Upstream>>, mut receiver: Receiv
         if up.pool.update_status(&ev.backend, |s| s.ejected_until = Some(until)).is_none() {
             continue;
         }
+        entry.metrics.health.ejections.inc();
         tracing::warn!(
             upstream = %up.name, backend = %addr, id = %ev.backend, ejection = h.count, seconds = duration.as_secs_f64(),
             "backend ejected after {} consecutive failures (last: {})", p.consecutive_failures, ev.reason

@@ -153,6 +153,11 @@ impl Binding {
         self.failures.load(Relaxed)
     }
 
+    /// The upstream it serves.
+    pub fn upstream(&self) -> &str {
+        &self.upstream
+    }
+
     /// Host-held state of this upstream's plugin.
     pub fn namespace(&self) -> &Arc<Namespace> {
         &self.namespace

@@ -277,6 +277,14 @@ impl PluginHost {
     }
 
     /// Live bindings that serve the plugin `name`.
+    /// The upstreams whose strategy is the plugin `name` now.
+    pub fn users(&self, name: &str) -> Vec<String> {
+        let mut users: Vec<String> = self.bindings_of(name).iter().map(|b| b.upstream().to_owned()).collect();
+        users.sort();
+        users.dedup();
+        users
+    }
+
     fn bindings_of(&self, name: &str) -> Vec<Arc<Binding>> {
         let mut all = self.bindings.lock().unwrap_or_else(|e| e.into_inner());
         all.retain(|w| w.strong_count() > 0);

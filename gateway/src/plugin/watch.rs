@@ -104,18 +104,34 @@ async fn apply(host: &Arc<PluginHost>, name: String, path: PathBuf) {
         tokio::task::spawn_blocking(move || host.reload(&name, &path))
     };
     match task.await {
-        Ok(Ok(Some(plugin))) => tracing::info!(
-            file = %path.display(),
-            plugin = %name,
-            sha256 = &plugin.hash[..12],
-            from_cache = plugin.from_cache,
-            compile_ms = plugin.compile_time.as_secs_f64() * 1e3,
-            swap_ms = started.elapsed().as_secs_f64() * 1e3,
-            "plugin swapped: new requests use the new version"
-        ),
+        Ok(Ok(Some(plugin))) => {
+            let users = host.users(&name);
+            if users.is_empty() {
+                tracing::info!(
+                    file = %path.display(),
+                    plugin = %name,
+                    sha256 = &plugin.hash[..12],
+                    compile_ms = plugin.compile_time.as_secs_f64() * 1e3,
+                    "plugin loaded and checked, but no upstream uses it: reference it as `strategy: {{plugin: {name}}}` in the config (a config reload applies it)"
+                );
+            } else {
+                crate::metrics::control().swap(&name, "ok");
+                tracing::info!(
+                    file = %path.display(),
+                    plugin = %name,
+                    upstreams = ?users,
+                    sha256 = &plugin.hash[..12],
+                    from_cache = plugin.from_cache,
+                    compile_ms = plugin.compile_time.as_secs_f64() * 1e3,
+                    swap_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "plugin swapped: new requests use the new version"
+                );
+            }
+        }
         Ok(Ok(None)) => tracing::debug!(file = %path.display(), "plugin file unchanged"),
         Ok(Err(e)) => {
-            tracing::error!(file = %path.display(), plugin = %name, "plugin refused, the previous version keeps serving: {e}")
+            crate::metrics::control().swap(&name, "refused");
+            tracing::error!(file = %path.display(), plugin = %name, upstreams = ?host.users(&name), "plugin refused, the previous version keeps serving: {e}")
         }
         Err(e) => tracing::error!(file = %path.display(), "plugin reload task failed: {e}"),
     }

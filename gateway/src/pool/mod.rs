@@ -32,6 +32,8 @@ pub struct BackendEntry {
     pub labels: Vec<(String, String)>,
     /// Live counters.
     pub stats: BackendStats,
+    /// Requests, bytes, latency and health-check results, for `/metrics` and the stats page.
+    pub metrics: crate::metrics::BackendMetrics,
     /// Small unique number: the index of this backend in per-worker tables (idle
     /// connections), so the hot path needs no hashing.
     pub key: usize,
@@ -43,7 +45,19 @@ impl BackendEntry {
         let authority = addr.to_string().parse().expect("a socket address is a valid authority");
         static NEXT_KEY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let key = NEXT_KEY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        BackendEntry { id, addr, authority, weight: weight.max(1), zone, labels, stats: BackendStats::default(), key }
+        let metrics = crate::metrics::BackendMetrics::default();
+        metrics.state_changed();
+        BackendEntry {
+            id,
+            addr,
+            authority,
+            weight: weight.max(1),
+            zone,
+            labels,
+            stats: BackendStats::default(),
+            metrics,
+            key,
+        }
     }
 }
 
@@ -122,7 +136,11 @@ pub struct Pool {
 impl Pool {
     /// A pool of `entries`, all up.
     pub fn new(entries: Vec<Arc<BackendEntry>>) -> Self {
-        let members = entries.into_iter().map(|entry| Member { entry, status: Status::UP }).collect();
+        Self::with_members(entries.into_iter().map(|entry| Member { entry, status: Status::UP }).collect())
+    }
+
+    /// A pool of these members with their statuses (a reload carries statuses over).
+    pub fn with_members(members: Vec<Member>) -> Self {
         Pool { current: ArcSwap::from_pointee(PoolSnapshot::new(next_generation(), members)), write: Mutex::new(()) }
     }
 
@@ -145,6 +163,7 @@ impl Pool {
         let mut status = cur.members[index].status;
         f(&mut status);
         if status != cur.members[index].status {
+            cur.members[index].entry.metrics.state_changed();
             let mut members = cur.members.clone();
             members[index].status = status;
             self.current.store(Arc::new(PoolSnapshot::new(next_generation(), members)));

@@ -19,6 +19,13 @@ pub struct BackendStats {
 #[derive(Debug)]
 pub struct ActiveGuard(std::sync::Arc<super::BackendEntry>);
 
+impl ActiveGuard {
+    /// The backend this request went to.
+    pub fn entry(&self) -> &std::sync::Arc<super::BackendEntry> {
+        &self.0
+    }
+}
+
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.stats.active.fetch_sub(1, Relaxed);

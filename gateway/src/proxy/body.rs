@@ -43,14 +43,16 @@ impl Replayable {
 pub struct AttemptBody {
     shared: Option<Replayable>,
     taken: Option<Incoming>,
+    /// The backend it goes to, whose `bytes_in` counts it (bodies only).
+    to: Option<std::sync::Arc<crate::pool::BackendEntry>>,
 }
 
 impl RequestBody {
-    /// The body for one attempt.
-    pub fn attempt(&self) -> AttemptBody {
+    /// The body for one attempt, sent to `to`.
+    pub fn attempt(&self, to: &std::sync::Arc<crate::pool::BackendEntry>) -> AttemptBody {
         match self {
-            RequestBody::Empty => AttemptBody { shared: None, taken: None },
-            RequestBody::Stream(r) => AttemptBody { shared: Some(r.clone()), taken: None },
+            RequestBody::Empty => AttemptBody { shared: None, taken: None, to: None },
+            RequestBody::Stream(r) => AttemptBody { shared: Some(r.clone()), taken: None, to: Some(to.clone()) },
         }
     }
 
@@ -78,7 +80,14 @@ impl Body for AttemptBody {
                 None => return Poll::Ready(None),
             }
         }
-        Pin::new(this.taken.as_mut().expect("set above")).poll_frame(cx)
+        let polled = Pin::new(this.taken.as_mut().expect("set above")).poll_frame(cx);
+        if let (Poll::Ready(Some(Ok(frame))), Some(to)) = (&polled, &this.to)
+            && let Some(data) = frame.data_ref()
+            && crate::metrics::enabled()
+        {
+            to.metrics.shards.local().bytes_in.add(data.len() as u64);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -112,6 +121,8 @@ pub enum ResponseBody {
         guard: Option<ActiveGuard>,
         /// The connection it arrives on.
         conn: Option<Pooled>,
+        /// Body bytes passed on so far (counted into the backend's metrics at the end).
+        bytes: u64,
     },
     /// A body the gateway wrote itself.
     Full(Option<Bytes>),
@@ -135,17 +146,20 @@ impl Body for ResponseBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match &mut *self {
-            ResponseBody::Upstream { body, guard, conn } => {
+            ResponseBody::Upstream { body, guard, conn, bytes } => {
                 let polled = Pin::new(body).poll_frame(cx);
                 match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        *bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    }
                     Poll::Ready(None) => {
-                        guard.take();
+                        settle(guard, bytes);
                         if let Some(c) = conn.take() {
                             c.release();
                         }
                     }
                     Poll::Ready(Some(Err(_))) => {
-                        guard.take();
+                        settle(guard, bytes);
                         conn.take();
                     }
                     _ => {}
@@ -171,8 +185,21 @@ impl Body for ResponseBody {
     }
 }
 
+/// The response is over: count its bytes and end the backend's in-flight request.
+fn settle(guard: &mut Option<ActiveGuard>, bytes: &mut u64) {
+    if let Some(g) = guard.take()
+        && *bytes > 0
+        && crate::metrics::enabled()
+    {
+        g.entry().metrics.shards.local().bytes_out.add(std::mem::take(bytes));
+    }
+}
+
 impl Drop for ResponseBody {
     fn drop(&mut self) {
+        if let ResponseBody::Upstream { guard, bytes, .. } = self {
+            settle(guard, bytes);
+        }
         // Bodies the server never polls (HEAD, 204, 304) still free their connection.
         if let ResponseBody::Upstream { body, conn, .. } = self
             && body.is_end_stream()

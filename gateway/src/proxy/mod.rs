@@ -11,10 +11,12 @@ pub use body::{RequestBody, ResponseBody};
 pub use conns::Conns;
 
 use crate::health::Reporter;
+use crate::metrics::{self, Generated, RetryReason};
 use crate::pool::BackendStats;
-use crate::router::Router;
 use crate::select::Choice;
 use crate::upstream::Upstream;
+use crate::view::View;
+use arc_swap::ArcSwap;
 use body::Replayable;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, Uri, header};
@@ -43,24 +45,31 @@ impl ClientConn {
 /// Everything a request needs, shared by all worker threads.
 #[derive(Debug)]
 pub struct Proxy {
-    /// The route table.
-    pub router: Router,
+    /// Routes and upstreams; a config reload swaps in a new view.
+    pub view: ArcSwap<View>,
     /// Where passive-health failures are reported.
     pub reporter: Reporter,
     /// Log one line per request.
     pub access_log: bool,
 }
 
-/// Per-request context for the access log.
+/// Per-request context for the access log and metrics.
 struct Outcome<'a> {
     route: &'a str,
     upstream: &'a str,
     backend: Option<SocketAddr>,
     attempts: u32,
     fallback: bool,
+    /// Why the gateway answered itself, if it did.
+    generated: Option<Generated>,
 }
 
 impl Proxy {
+    /// The current view (routes, upstreams).
+    pub fn view(&self) -> Arc<View> {
+        self.view.load_full()
+    }
+
     /// Handles one client request end to end. Never fails: errors become responses.
     pub async fn handle(
         &self,
@@ -68,6 +77,12 @@ impl Proxy {
         req: Request<Incoming>,
         conn: &ClientConn,
     ) -> Response<ResponseBody> {
+        let counting = metrics::enabled();
+        let global = metrics::global().local();
+        if counting {
+            global.requests.inc();
+            global.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let peer = conn.peer;
         let started = Instant::now();
         let method = req.method().clone();
@@ -75,23 +90,46 @@ impl Proxy {
         let uri = req.uri().clone();
         let path = uri.path();
         let host = req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(header::HOST)?.to_str().ok());
-        let Some(route) = self.router.route(host, path) else {
+        // The request finishes on the view it started with, whatever a reload does meanwhile.
+        let view = self.view.load_full();
+        let Some(route) = view.router.route(host, path) else {
             let host = host.unwrap_or("").to_owned();
             let resp = plain(StatusCode::NOT_FOUND, format!("no route for host `{host}` and path `{path}`\n"));
-            self.log(
-                &method,
-                path,
-                peer,
-                &resp,
-                started,
-                &Outcome { route: "-", upstream: "-", backend: None, attempts: 0, fallback: false },
-            );
+            let outcome = Outcome {
+                route: "-",
+                upstream: "-",
+                backend: None,
+                attempts: 0,
+                fallback: false,
+                generated: Some(Generated::NoRoute),
+            };
+            if counting {
+                global.generated(Generated::NoRoute, 404);
+                global.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            self.log(&method, path, peer, &resp, started, &outcome);
             return resp;
         };
         let upstream = &route.upstream;
-        let mut outcome =
-            Outcome { route: &route.name, upstream: &upstream.name, backend: None, attempts: 0, fallback: false };
-        let resp = self.forward(conns, req, conn, upstream, &mut outcome).await;
+        let mut outcome = Outcome {
+            route: &route.name,
+            upstream: &upstream.name,
+            backend: None,
+            attempts: 0,
+            fallback: false,
+            generated: None,
+        };
+        let resp = self.forward(conns, req, conn, upstream, &mut outcome, counting).await;
+        if counting {
+            let status = resp.status().as_u16();
+            let shard = route.metrics.shards.local();
+            shard.requests[metrics::class(status)].inc();
+            shard.duration.observe(started.elapsed());
+            if let Some(reason) = outcome.generated {
+                global.generated(reason, status);
+            }
+            global.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
         self.log(&method, path, peer, &resp, started, &outcome);
         resp
     }
@@ -103,6 +141,7 @@ impl Proxy {
         conn: &ClientConn,
         upstream: &Upstream,
         outcome: &mut Outcome<'_>,
+        counting: bool,
     ) -> Response<ResponseBody> {
         let (mut parts, incoming) = req.into_parts();
         let authority = parts.uri.authority().and_then(|a| header::HeaderValue::from_str(a.as_str()).ok());
@@ -126,6 +165,8 @@ impl Proxy {
 
         let mut tried: Vec<u32> = Vec::new();
         let mut last_error: Option<Response<ResponseBody>> = None;
+        // Why the previous attempt failed (what a retry is counted under).
+        let mut retrying: Option<RetryReason> = None;
         while outcome.attempts < upstream.retries.attempts {
             let pool = upstream.pool.snapshot();
             let (index, extra_headers) = match upstream.selector.choose(&mut parts, peer.ip(), &pool, &tried) {
@@ -140,10 +181,16 @@ impl Proxy {
                 Choice::Reject { status, text, response_headers } => {
                     let mut resp = plain(StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), text);
                     add_headers(resp.headers_mut(), response_headers);
+                    outcome.generated = Some(Generated::PluginReject);
                     return resp;
                 }
                 Choice::NoBackend => break,
             };
+            if let Some(reason) = retrying.take()
+                && counting
+            {
+                upstream.metrics.shards.local().retries[reason as usize].inc();
+            }
             let member = &pool.members[index];
             let entry = &member.entry;
             outcome.attempts += 1;
@@ -152,7 +199,7 @@ impl Proxy {
 
             // Built afresh for each attempt from the client's headers, which stay as
             // they came (what a plugin reads, and what a retry starts from).
-            let mut attempt = Request::new(body.attempt());
+            let mut attempt = Request::new(body.attempt(entry));
             *attempt.method_mut() = parts.method.clone();
             *attempt.uri_mut() = target.clone();
             *attempt.headers_mut() = headers::for_backend(&parts.headers, &forwarding, || {
@@ -164,12 +211,19 @@ impl Proxy {
             let timeouts = &upstream.timeouts;
             let result =
                 tokio::time::timeout(timeouts.response_header, conns.send(entry, attempt, timeouts.connect)).await;
+            if counting && let Ok(Ok((resp, _))) = &result {
+                let shard = entry.metrics.shards.local();
+                shard.requests[metrics::class(resp.status().as_u16())].inc();
+                shard.latency.observe(sent.elapsed());
+            }
             let failure = match result {
                 Ok(Ok((resp, conn))) if resp.status().is_server_error() => {
                     let retry = idempotent && upstream.retries.on_5xx && body.replayable();
                     self.failed(upstream, entry, &format!("answered {}", resp.status()));
                     if retry {
                         last_error = Some(finish(resp, guard, conn, extra_headers));
+                        outcome.generated = None;
+                        retrying = Some(RetryReason::Status5xx);
                         continue;
                     }
                     return finish(resp, guard, conn, extra_headers);
@@ -204,17 +258,20 @@ impl Proxy {
                 Failure::Connect(_) => body.replayable(),
                 Failure::Other(_) | Failure::Timeout(_) => idempotent && body.replayable(),
             };
-            let status = if matches!(failure, Failure::Timeout(_)) {
-                StatusCode::GATEWAY_TIMEOUT
-            } else {
-                StatusCode::BAD_GATEWAY
+            let (status, generated, retry_reason) = match failure {
+                Failure::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, Generated::BackendTimeout, RetryReason::Timeout),
+                Failure::Connect(_) => (StatusCode::BAD_GATEWAY, Generated::BackendFailed, RetryReason::ConnectFailed),
+                Failure::Other(_) => (StatusCode::BAD_GATEWAY, Generated::BackendFailed, RetryReason::Error),
             };
             last_error = Some(plain(status, format!("backend {} failed: {reason}\n", entry.addr)));
+            outcome.generated = Some(generated);
+            retrying = Some(retry_reason);
             if !retry {
                 break;
             }
         }
         last_error.unwrap_or_else(|| {
+            outcome.generated = Some(Generated::NoHealthyBackend);
             plain(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("no healthy backend available for upstream `{}`\n", upstream.name),
@@ -308,7 +365,7 @@ fn finish(
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
     add_headers(&mut parts.headers, extra);
-    Response::from_parts(parts, ResponseBody::Upstream { body, guard: Some(guard), conn: Some(conn) })
+    Response::from_parts(parts, ResponseBody::Upstream { body, guard: Some(guard), conn: Some(conn), bytes: 0 })
 }
 
 /// Adds a plugin's response headers; names or values that are not valid HTTP are skipped.

@@ -1,6 +1,7 @@
 //! Backend selection: the Wasm plugin's decision, with a native round robin as the
 //! fallback when the plugin fails (trap, timeout, bad answer).
 
+use crate::metrics::{UpstreamMetrics, handles_decision_sample};
 use crate::plugin::{Binding, PickErrorKind, Target};
 use crate::pool::PoolSnapshot;
 use std::net::IpAddr;
@@ -37,8 +38,8 @@ pub enum Choice {
 #[derive(Debug)]
 pub struct Selector {
     binding: Arc<Binding>,
+    metrics: Arc<UpstreamMetrics>,
     fallback_turn: AtomicU64,
-    fallbacks: AtomicU64,
     /// Milliseconds (since `epoch`) of the last logged plugin failure: rate limit.
     last_logged_ms: AtomicU64,
     epoch: Instant,
@@ -47,10 +48,15 @@ pub struct Selector {
 impl Selector {
     /// A selector that asks `binding`.
     pub fn new(binding: Arc<Binding>) -> Self {
+        Self::with_metrics(binding, Arc::default())
+    }
+
+    /// A selector that asks `binding` and counts into `metrics`.
+    pub fn with_metrics(binding: Arc<Binding>, metrics: Arc<UpstreamMetrics>) -> Self {
         Selector {
             binding,
+            metrics,
             fallback_turn: AtomicU64::new(0),
-            fallbacks: AtomicU64::new(0),
             last_logged_ms: AtomicU64::new(0),
             epoch: Instant::now(),
         }
@@ -63,7 +69,7 @@ impl Selector {
 
     /// Requests the fallback chose because the plugin failed.
     pub fn fallbacks(&self) -> u64 {
-        self.fallbacks.load(Relaxed)
+        self.metrics.fallbacks.get()
     }
 
     /// Chooses a backend for the request, never one in `exclude`.
@@ -77,7 +83,16 @@ impl Selector {
         if pool.healthy_count == 0 {
             return Choice::NoBackend;
         }
-        match self.binding.pick(parts, client_ip, pool, exclude) {
+        let shard = self.metrics.shards.local();
+        shard.decisions.inc();
+        // Time one decision in DECISION_SAMPLE: two clock reads per decision would cost
+        // more than most decisions.
+        let timed = shard.decisions.get().is_multiple_of(handles_decision_sample()).then(Instant::now);
+        let picked = self.binding.pick(parts, client_ip, pool, exclude);
+        if let Some(started) = timed {
+            shard.decision_time.observe(started.elapsed());
+        }
+        match picked {
             Ok(d) => match d.target {
                 Target::Backend(i) if !exclude.contains(&i) => {
                     Choice::Backend { index: i as usize, response_headers: d.response_headers, fallback: false }
@@ -99,7 +114,14 @@ impl Selector {
     }
 
     fn failed(&self, kind: PickErrorKind, message: &str) {
-        self.fallbacks.fetch_add(1, Relaxed);
+        self.metrics.fallbacks.inc();
+        let kind_index = match kind {
+            PickErrorKind::Trap => 0,
+            PickErrorKind::Timeout => 1,
+            PickErrorKind::BadAnswer => 2,
+            PickErrorKind::Instantiate => 3,
+        };
+        self.metrics.failures[kind_index].inc();
         // At most one line a second per upstream: a broken plugin must not flood the log.
         let now = self.epoch.elapsed().as_millis() as u64 + 1_000;
         let last = self.last_logged_ms.load(Relaxed);
@@ -108,6 +130,7 @@ impl Selector {
         {
             let plugin = self.binding.plugin();
             tracing::warn!(
+                upstream = %self.binding.upstream(),
                 plugin = %plugin.name,
                 origin = %plugin.origin,
                 failure = ?kind,

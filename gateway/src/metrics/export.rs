@@ -1,0 +1,335 @@
+//! `GET /metrics`: the shards merged and written as OpenMetrics text by the
+//! `prometheus-client` crate. Runs only when scraped; the request path never formats a
+//! label.
+
+use super::{CLASSES, Generated, HistogramSnapshot, RetryReason, UpstreamMetrics};
+use crate::gateway::Gateway;
+use crate::view::View;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::{Registry, Unit};
+use std::fmt::Error;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+/// The whole exposition, `# EOF` included.
+pub fn encode(gw: &Gateway) -> String {
+    let mut registry = Registry::with_prefix("gateway");
+    registry.register_collector(Box::new(Scrape { view: gw.view(), plugins: gw.plugins.clone() }));
+    let mut out = String::with_capacity(64 * 1024);
+    if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+        tracing::error!("encoding /metrics failed");
+    }
+    out
+}
+
+#[derive(Debug)]
+struct Scrape {
+    view: Arc<View>,
+    plugins: Arc<crate::plugin::PluginHost>,
+}
+
+type Labels<'a> = Vec<(&'static str, &'a str)>;
+
+fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, series: &[(Labels<'_>, u64)]) -> Result<(), Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in series {
+        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, series: &[(Labels<'_>, i64)]) -> Result<(), Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in series {
+        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn histogram(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &[(Labels<'_>, HistogramSnapshot)],
+) -> Result<(), Error> {
+    let mut m = enc.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
+    for (labels, h) in series {
+        // Per-bucket counts: the encoder accumulates them.
+        let buckets: Vec<(f64, u64)> =
+            super::BOUNDS_S.iter().copied().chain([f64::INFINITY]).zip(h.counts.iter().copied()).collect();
+        m.encode_family(labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            h.sum_s(),
+            h.count(),
+            &buckets,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+fn bool_gauge(b: bool) -> i64 {
+    i64::from(b)
+}
+
+impl prometheus_client::collector::Collector for Scrape {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), Error> {
+        let view = &self.view;
+        let global = super::global();
+
+        // The process.
+        let version = env!("CARGO_PKG_VERSION");
+        {
+            let mut m = enc.encode_descriptor(
+                "build",
+                "Version of the gateway and of its Wasm runtime.",
+                None,
+                MetricType::Info,
+            )?;
+            m.encode_info(&vec![("version", version), ("wasmtime", WASMTIME_VERSION)])?;
+        }
+        let in_flight = global.iter().fold(0u64, |acc, s| acc.wrapping_add(s.in_flight.load(Relaxed))) as i64;
+        gauge(&mut enc, "requests_in_flight", "Client requests being handled now.", &[(vec![], in_flight)])?;
+        counter(
+            &mut enc,
+            "connections",
+            "Client connections accepted.",
+            &[(vec![], global.sum(|s| s.connections.get()))],
+        )?;
+        let mut generated = Vec::new();
+        for (i, reason) in Generated::LABELS.iter().enumerate() {
+            for (c, class) in CLASSES.iter().enumerate() {
+                let n = global.sum(|s| s.generated[i][c].get());
+                if n > 0 {
+                    generated.push((vec![("reason", *reason), ("code", *class)], n));
+                }
+            }
+        }
+        counter(
+            &mut enc,
+            "generated_responses",
+            "Responses the gateway made itself instead of a backend, by reason: no_route (404), no_healthy_backend (503), backend_failed (502), backend_timeout (504), plugin_reject, bad_request (400/431 for malformed requests).",
+            &generated,
+        )?;
+
+        // Routes.
+        let mut route_requests = Vec::new();
+        let mut route_duration = Vec::new();
+        for r in view.router.routes() {
+            for (c, class) in CLASSES.iter().enumerate() {
+                let n = r.metrics.shards.sum(|s| s.requests[c].get());
+                if n > 0 {
+                    route_requests.push((
+                        vec![("route", r.name.as_str()), ("upstream", r.upstream.name.as_str()), ("code", *class)],
+                        n,
+                    ));
+                }
+            }
+            route_duration
+                .push((vec![("route", r.name.as_str())], HistogramSnapshot::of(&r.metrics.shards, |s| &s.duration)));
+        }
+        counter(
+            &mut enc,
+            "route_requests",
+            "Requests each route took, by status class of the answer the client got (the gateway's own answers included).",
+            &route_requests,
+        )?;
+        histogram(
+            &mut enc,
+            "request_duration",
+            "Client view: from the request's arrival to its response headers, per route.",
+            &route_duration,
+        )?;
+
+        // Backends.
+        let snaps: Vec<_> = view.upstreams.iter().map(|u| (u, u.pool.snapshot())).collect();
+        let mut requests = Vec::new();
+        let (mut latency, mut bytes_in, mut bytes_out, mut active, mut failures) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut up, mut healthy, mut drained, mut ejected) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut ejections, mut transitions, mut check_failures, mut check_duration) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (u, snap) in &snaps {
+            for member in &snap.members {
+                let e = &member.entry;
+                let m = &e.metrics;
+                let labels = vec![("upstream", u.name.as_str()), ("backend", e.id.as_str())];
+                for (c, class) in CLASSES.iter().enumerate() {
+                    let n = m.shards.sum(|s| s.requests[c].get());
+                    if n > 0 || c == 1 {
+                        let mut l = labels.clone();
+                        l.push(("code", *class));
+                        requests.push((l, n));
+                    }
+                }
+                latency.push((labels.clone(), HistogramSnapshot::of(&m.shards, |s| &s.latency)));
+                bytes_in.push((labels.clone(), m.shards.sum(|s| s.bytes_in.get())));
+                bytes_out.push((labels.clone(), m.shards.sum(|s| s.bytes_out.get())));
+                active.push((labels.clone(), i64::from(e.stats.active())));
+                failures.push((labels.clone(), e.stats.failures()));
+                up.push((labels.clone(), bool_gauge(member.status.up)));
+                healthy.push((labels.clone(), bool_gauge(member.status.healthy())));
+                drained.push((labels.clone(), bool_gauge(member.status.drained)));
+                ejected.push((labels.clone(), bool_gauge(member.status.ejected_until.is_some())));
+                ejections.push((labels.clone(), m.health.ejections.get()));
+                for (to, n) in [("up", m.health.to_up.get()), ("down", m.health.to_down.get())] {
+                    let mut l = labels.clone();
+                    l.push(("to", to));
+                    transitions.push((l, n));
+                }
+                if u.health_check.enabled {
+                    check_failures.push((labels.clone(), m.health.failures.get()));
+                    let mut h = HistogramSnapshot::default();
+                    m.health.duration.merge_into(&mut h);
+                    check_duration.push((labels.clone(), h));
+                }
+            }
+        }
+        counter(
+            &mut enc,
+            "requests",
+            "Requests answered by a backend, by upstream, backend id and status class.",
+            &requests,
+        )?;
+        histogram(
+            &mut enc,
+            "upstream_duration",
+            "From sending a request to a backend to its response headers.",
+            &latency,
+        )?;
+        counter(&mut enc, "request_bytes", "Request body bytes sent to each backend.", &bytes_in)?;
+        counter(&mut enc, "response_bytes", "Response body bytes from each backend passed to clients.", &bytes_out)?;
+        gauge(&mut enc, "backend_active_requests", "Requests in flight to each backend.", &active)?;
+        counter(
+            &mut enc,
+            "backend_failures",
+            "Failed requests to each backend (connect errors, 5xx, timeouts).",
+            &failures,
+        )?;
+        gauge(&mut enc, "backend_up", "1 if active health checks say the backend is up, else 0.", &up)?;
+        gauge(
+            &mut enc,
+            "backend_healthy",
+            "1 if the backend takes new requests (up, not ejected, not drained), else 0.",
+            &healthy,
+        )?;
+        gauge(&mut enc, "backend_drained", "1 if an operator drained the backend.", &drained)?;
+        gauge(&mut enc, "backend_ejected", "1 if passive health ejected the backend for now.", &ejected)?;
+        counter(&mut enc, "backend_ejections", "Passive ejections after consecutive failures.", &ejections)?;
+        counter(
+            &mut enc,
+            "health_check_transitions",
+            "Backends going up or down by active health checks.",
+            &transitions,
+        )?;
+        counter(&mut enc, "health_check_failures", "Failed active health checks.", &check_failures)?;
+        histogram(&mut enc, "health_check_duration", "Duration of each active health check.", &check_duration)?;
+
+        // Upstreams and their plugins.
+        let mut retries = Vec::new();
+        let (mut decisions, mut fallbacks, mut plugin_failures, mut decision_time, mut info) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let plugins: Vec<_> = view.upstreams.iter().map(|u| u.selector.binding().plugin()).collect();
+        for (u, plugin) in view.upstreams.iter().zip(&plugins) {
+            let m = &u.metrics;
+            for (i, reason) in RetryReason::LABELS.iter().enumerate() {
+                retries.push((
+                    vec![("upstream", u.name.as_str()), ("reason", *reason)],
+                    m.shards.sum(|s| s.retries[i].get()),
+                ));
+            }
+            let labels = vec![("upstream", u.name.as_str()), ("plugin", plugin.name.as_str())];
+            decisions.push((labels.clone(), m.shards.sum(|s| s.decisions.get())));
+            fallbacks.push((labels.clone(), m.fallbacks.get()));
+            for (kind, c) in UpstreamMetrics::FAILURE_KINDS.iter().zip(&m.failures) {
+                let mut l = labels.clone();
+                l.push(("kind", *kind));
+                plugin_failures.push((l, c.get()));
+            }
+            decision_time
+                .push((vec![("upstream", u.name.as_str())], HistogramSnapshot::of(&m.shards, |s| &s.decision_time)));
+        }
+        let origins: Vec<String> = plugins.iter().map(|p| p.origin.to_string()).collect();
+        for ((u, plugin), origin) in view.upstreams.iter().zip(&plugins).zip(&origins) {
+            info.push(vec![
+                ("upstream", u.name.as_str()),
+                ("plugin", plugin.name.as_str()),
+                ("origin", origin.as_str()),
+                ("sha256", plugin.hash.as_str()),
+            ]);
+        }
+        counter(
+            &mut enc,
+            "retries",
+            "Requests sent again to another backend, by why the previous attempt failed.",
+            &retries,
+        )?;
+        counter(&mut enc, "plugin_decisions", "Backend decisions asked of each upstream's plugin.", &decisions)?;
+        counter(
+            &mut enc,
+            "plugin_fallbacks",
+            "Decisions the native round robin made because the plugin failed.",
+            &fallbacks,
+        )?;
+        counter(
+            &mut enc,
+            "plugin_failures",
+            "Plugin calls that failed, by kind (trap, timeout, bad_answer, instantiate).",
+            &plugin_failures,
+        )?;
+        histogram(
+            &mut enc,
+            "plugin_decision_duration",
+            "Time of one plugin decision (pick), sampled: one decision in 16 is timed.",
+            &decision_time,
+        )?;
+        {
+            let mut m = enc.encode_descriptor(
+                "plugin",
+                "The plugin each upstream uses: name, where it came from, SHA-256 of its component.",
+                None,
+                MetricType::Info,
+            )?;
+            for labels in &info {
+                m.encode_info(labels)?;
+            }
+        }
+        let control = super::control();
+        let swaps: Vec<((String, &'static str), u64)> =
+            control.swaps.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let swap_series: Vec<_> = swaps
+            .iter()
+            .map(|((plugin, result), n)| (vec![("plugin", plugin.as_str()), ("result", *result)], *n))
+            .collect();
+        counter(
+            &mut enc,
+            "plugin_swaps",
+            "Hot swaps of plugin files: ok (swapped in), refused (the last good version kept serving).",
+            &swap_series,
+        )?;
+        let _ = &self.plugins;
+
+        // Config.
+        counter(
+            &mut enc,
+            "config_reloads",
+            "Config reloads: ok (applied) or refused (the previous config kept serving).",
+            &[
+                (vec![("result", "ok")], control.reloads_ok.get()),
+                (vec![("result", "refused")], control.reloads_refused.get()),
+            ],
+        )?;
+        gauge(
+            &mut enc,
+            "config_last_reload_success_timestamp_seconds",
+            "When the serving config was loaded, seconds since the Unix epoch.",
+            &[(vec![], (control.last_reload_success_ms.load(Relaxed) / 1000) as i64)],
+        )?;
+        Ok(())
+    }
+}
+
+/// The wasmtime version the gateway is built with (pinned in the workspace).
+const WASMTIME_VERSION: &str = "48.0.8";
