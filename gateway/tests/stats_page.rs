@@ -149,7 +149,8 @@ fn a_dead_backend_turns_down_on_the_open_page() {
     let mut page = Chromium::launch(&bin, 1600, 1000);
     page.navigate(&format!("http://{admin}/"));
 
-    // The three backends, up, with rates computed from at least two polls.
+    // The three backends, up, with rates computed from at least two polls, and (for the
+    // screenshot) a few seconds of sparkline.
     let all_up = r#"(() => {
         const rows = [...document.querySelectorAll('[data-backend]')];
         return rows.length === 3 && rows.every(r => r.dataset.state === 'up')
@@ -157,6 +158,10 @@ fn a_dead_backend_turns_down_on_the_open_page() {
     })()"#;
     if page.wait_for(Duration::from_secs(15), all_up).is_none() {
         fail(&mut page, &gw, "the page never showed the three backends up with traffic within 15 s");
+    }
+    let samples = "(document.querySelector('#total-spark .line').getAttribute('d') || '').split('L').length >= 6";
+    if page.wait_for(REFRESH * 10, samples).is_none() {
+        fail(&mut page, &gw, "the requests/s sparkline did not grow to 6 samples in 10 refreshes");
     }
     let dom = page.eval(DOM_STATE).expect("read the page");
     let names: Vec<&String> = dom["rows"].as_object().map(|r| r.keys().collect()).unwrap_or_default();
@@ -171,8 +176,9 @@ fn a_dead_backend_turns_down_on_the_open_page() {
     let mark = gw.log_mark();
     dead.stop();
     let killed = Instant::now();
+    let address = dead.addr().to_string();
     gw.wait_for_log_after(mark, DOWN_BOUND, |l| {
-        message(l).starts_with("backend is down") && l["backend"] == dead.addr().to_string()
+        message(l).starts_with("backend is down") && (l["backend"] == dead.name() || l["address"] == address.as_str())
     });
     let noticed = Instant::now();
     let is_down = r#"(() => {
@@ -209,6 +215,11 @@ fn a_dead_backend_turns_down_on_the_open_page() {
     {
         fail(&mut page, &gw, "the attention strip does not name web/backend-2 as down");
     }
+    // Its requests/s follows: nothing reaches it since the previous poll.
+    let idle = r#"document.querySelector('[data-backend="web/backend-2"] .c-rps').textContent === '0'"#;
+    if page.wait_for(REFRESH * 3, idle).is_none() {
+        fail(&mut page, &gw, "web/backend-2 still shows requests/s 3 refreshes after it went down");
+    }
 
     // A picture for people (and for the README): the whole page, with its red row.
     let png = target_dir().join("stats-page.png");
@@ -223,5 +234,6 @@ fn a_dead_backend_turns_down_on_the_open_page() {
 
     stop.store(true, Ordering::Relaxed);
     let (ok, failed) = traffic.join().expect("the traffic thread");
+    eprintln!("traffic: {ok} requests answered 200, {failed} not");
     assert!(ok > 50, "only {ok} requests succeeded ({failed} failed)");
 }
