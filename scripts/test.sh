@@ -16,9 +16,11 @@ step "Rust targets for plugins"
 rustup target add wasm32-unknown-unknown wasm32-wasip2 >/dev/null
 
 # The guest-language toolchains run on Python 3 (with venv) and Node.js 18+ with npm;
-# gateway/tests/observability.rs runs a real Prometheus against the gateway.
-step "system packages (guest-language toolchains, Prometheus)"
+# gateway/tests/stats_page.rs drives a real headless Chromium (under CI it fails without one);
+# gateway/tests/observability.rs runs a real Prometheus against the gateway (same rule).
+step "system packages (guest-language toolchains, Chromium, Prometheus)"
 missing=()
+command -v chromium >/dev/null || missing+=(chromium)
 command -v python3 >/dev/null || missing+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if ! node -e 'process.exit(+process.versions.node.split(".")[0] >= 18 ? 0 : 1)' 2>/dev/null; then
@@ -30,14 +32,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
   command -v apt-get >/dev/null || {
-    echo "missing: ${missing[*]}; install them (Python 3 with venv, Node.js 18+ and npm, Prometheus) and run again" >&2
+    echo "missing: ${missing[*]}; install them (Python 3 with venv, Node.js 18+ and npm, Chromium, Prometheus) and run again" >&2
     exit 1
   }
   echo "installing ${missing[*]} with apt-get"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-echo "python $(python3 --version | cut -d' ' -f2), node $(node --version), npm $(npm --version)," \
+echo "python $(python3 --version | cut -d' ' -f2), node $(node --version), npm $(npm --version), $(chromium --version 2>/dev/null)," \
   "prometheus $(prometheus --version 2>&1 | head -1 | cut -d' ' -f3)"
 
 # Pinned componentize-py / componentize-js (cached in ~/.cache/gateway-guest-tools), then

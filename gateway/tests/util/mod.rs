@@ -2,7 +2,8 @@
 //! ([`Backend`]), the real gateway binary ([`Gateway`], [`run_cli`]), a small HTTP
 //! client ([`get`], [`KeepAlive`], [`upload`], [`download`], [`get_h2c`]), a browser-like
 //! client with its own client IP, headers and cookie jar ([`Browser`]), a backend whose
-//! latency can change ([`TunableBackend`]) and scratch folders ([`TempDir`]).
+//! latency can change ([`TunableBackend`]), scratch folders ([`TempDir`]) and real
+//! headless Chromium driven over the DevTools protocol ([`Chromium`]).
 //!
 //! Everything async runs on one background runtime ([`rt`]); the tests themselves are
 //! plain synchronous `#[test]` functions. Every wait is bounded by a deadline.
@@ -12,6 +13,7 @@
 
 mod backend;
 mod browser;
+mod chromium;
 mod client;
 mod gateway;
 mod temp;
@@ -19,6 +21,7 @@ mod tunable;
 
 pub use backend::{BIG_BYTES, Backend, Hit};
 pub use browser::{Browser, set_cookies};
+pub use chromium::Chromium;
 pub use client::{Download, KeepAlive, Reply, download, get, get_h2c, request, request_with_headers, try_get, upload};
 pub use gateway::{CliOutput, Gateway, message, run_cli, run_cli_with_env};
 pub use temp::TempDir;
