@@ -130,3 +130,28 @@ fn no_metrics_records_nothing_on_the_request_path() {
     assert_eq!(value(&m, "gateway_requests_total{upstream=\"web\",backend=\"a\",code=\"2xx\"}"), 0.0);
     assert_eq!(value(&m, "gateway_backend_up{upstream=\"web\",backend=\"a\"}"), 1.0, "state is still shown");
 }
+
+#[test]
+fn a_retried_request_that_succeeds_is_the_backends_answer_and_counts_a_retry() {
+    let (a, b) = (Backend::new("a"), Backend::new("b"));
+    let dir = TempDir::new();
+    // No active checks: the stopped backend stays in rotation, so requests hit it.
+    let yaml = config(&[&a, &b], "").replace(
+        "health_check: {interval: 200ms, timeout: 500ms, rise: 1, fall: 1}",
+        "health_check: {enabled: false}\n    passive: {consecutive_failures: 0}",
+    );
+    let file = dir.write("gw.yaml", yaml);
+    let gw = Gateway::start(&["--config", file.to_str().unwrap(), "--admin", "127.0.0.1:0"]);
+    b.stop();
+    for i in 0..10 {
+        assert_eq!(get(gw.addr, &format!("/book/{i}")).1.trim(), "a", "retried on a");
+    }
+    let m = scrape(gw.admin_addr());
+    assert!(value(&m, "gateway_retries_total{upstream=\"web\",reason=\"connect_failed\"}") >= 4.0);
+    assert!(
+        !m.keys().any(|k| k.starts_with("gateway_generated_responses_total")),
+        "no response was the gateway's own: {:?}",
+        m.keys().filter(|k| k.starts_with("gateway_generated")).collect::<Vec<_>>()
+    );
+    assert_eq!(value(&m, "gateway_route_requests_total{route=\"books\",upstream=\"web\",code=\"2xx\"}"), 10.0);
+}

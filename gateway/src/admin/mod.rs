@@ -89,7 +89,7 @@ pub async fn handle<B>(gw: &Arc<Gateway>, ext: Option<&dyn Extension>, auth: &Au
 
     // Public routes: nothing secret in them.
     match (method, segments.as_slice()) {
-        (&Method::GET, [""]) | (&Method::GET, ["index.html"]) => return page::response(),
+        (&Method::GET | &Method::HEAD, [""] | ["index.html"]) => return page::response(),
         (&Method::GET, ["healthz"]) => return text(StatusCode::OK, "ok\n"),
         (&Method::GET, ["metrics"]) if auth.public_metrics() => return metrics(gw),
         _ => {}

@@ -238,6 +238,11 @@ impl Proxy {
             let timeouts = &upstream.timeouts;
             let result =
                 tokio::time::timeout(timeouts.response_header, conns.send(entry, attempt, timeouts.connect)).await;
+            if let Ok(Ok(_)) = &result {
+                // A backend answered: whatever an earlier attempt failed with, this
+                // response is the backend's, not the gateway's.
+                outcome.generated = None;
+            }
             if counting && let Ok(Ok((resp, _))) = &result {
                 let shard = entry.metrics.shards.local();
                 shard.requests[metrics::class(resp.status().as_u16())].inc();
