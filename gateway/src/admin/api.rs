@@ -140,7 +140,7 @@ fn backend_stats(up: &Upstream, member: &Member) -> Value {
         "bytes_in": m.shards.sum(|s| s.bytes_in.get()),
         "bytes_out": m.shards.sum(|s| s.bytes_out.get()),
         "latency": {
-            "bounds_s": metrics::BOUNDS_S,
+            "bounds_s": latency.bounds_s,
             "counts": latency.cumulative(),
             "count": latency.count(),
             "sum_s": latency.sum_s(),

@@ -1,7 +1,7 @@
 //! The metric handles the gateway's parts hold: per backend (in its pool entry), per
 //! upstream and per route (kept by name across config reloads), and process-wide.
 
-use super::{Counter, Histogram, PerWorker};
+use super::{Counter, Decision, Histogram, PerWorker};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -111,7 +111,7 @@ pub struct UpstreamShard {
     /// Decisions asked of the plugin.
     pub decisions: Counter,
     /// Time of a sample of the decisions (1 in [`DECISION_SAMPLE`]).
-    pub decision_time: Histogram,
+    pub decision_time: Histogram<Decision>,
     /// Retries by [`RetryReason`].
     pub retries: [Counter; 4],
 }

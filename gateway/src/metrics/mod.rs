@@ -30,11 +30,64 @@ pub use handles::{
 };
 
 /// Upper bounds of latency histogram buckets, in seconds (+Inf is implicit).
-pub const BOUNDS_S: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
-const BOUNDS_US: [u64; 14] = [
-    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000,
-    10_000_000,
-];
+pub const BOUNDS_S: [f64; 14] = Latency::BOUNDS_S;
+
+/// The bucket bounds of a kind of histogram.
+pub trait Scale: Default + std::fmt::Debug + Send + Sync + 'static {
+    /// Upper bounds, ns (+Inf is implicit).
+    const BOUNDS_NS: [u64; 14];
+    /// The same, seconds.
+    const BOUNDS_S: [f64; 14];
+}
+
+/// Requests and health checks: 0.5 ms to 10 s.
+#[derive(Debug, Default)]
+pub struct Latency;
+
+impl Scale for Latency {
+    const BOUNDS_NS: [u64; 14] = [
+        500_000,
+        1_000_000,
+        2_500_000,
+        5_000_000,
+        10_000_000,
+        25_000_000,
+        50_000_000,
+        100_000_000,
+        250_000_000,
+        500_000_000,
+        1_000_000_000,
+        2_500_000_000,
+        5_000_000_000,
+        10_000_000_000,
+    ];
+    const BOUNDS_S: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+}
+
+/// Plugin decisions: 250 ns to 20 ms (the default deadline).
+#[derive(Debug, Default)]
+pub struct Decision;
+
+impl Scale for Decision {
+    const BOUNDS_NS: [u64; 14] = [
+        250,
+        500,
+        1_000,
+        2_000,
+        5_000,
+        10_000,
+        25_000,
+        50_000,
+        100_000,
+        250_000,
+        1_000_000,
+        5_000_000,
+        20_000_000,
+        100_000_000,
+    ];
+    const BOUNDS_S: [f64; 14] =
+        [250e-9, 500e-9, 1e-6, 2e-6, 5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 1e-3, 5e-3, 20e-3, 100e-3];
+}
 
 static WORKERS: OnceLock<usize> = OnceLock::new();
 static ENABLED: AtomicBool = AtomicBool::new(true);
@@ -143,45 +196,62 @@ impl Counter {
     }
 }
 
-/// A latency histogram with the fixed [`BOUNDS_S`] buckets (non-cumulative counts).
+/// A histogram with the fixed bounds of its [`Scale`] (non-cumulative counts).
 #[derive(Debug, Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; BOUNDS_US.len() + 1],
-    sum_us: AtomicU64,
+pub struct Histogram<S: Scale = Latency> {
+    buckets: [AtomicU64; 15],
+    sum_ns: AtomicU64,
+    scale: std::marker::PhantomData<S>,
 }
 
-impl Histogram {
+impl<S: Scale> Histogram<S> {
     /// Records one observation.
     #[inline]
     pub fn observe(&self, d: Duration) {
-        let us = d.as_micros().min(u64::MAX as u128) as u64;
-        let i = BOUNDS_US.iter().position(|&b| us <= b).unwrap_or(BOUNDS_US.len());
+        let ns = d.as_nanos().min(u64::MAX as u128) as u64;
+        let i = S::BOUNDS_NS.iter().position(|&b| ns <= b).unwrap_or(S::BOUNDS_NS.len());
         self.buckets[i].fetch_add(1, Relaxed);
-        self.sum_us.fetch_add(us, Relaxed);
+        self.sum_ns.fetch_add(ns, Relaxed);
     }
 
     /// Adds this histogram's counts into `into`.
     pub fn merge_into(&self, into: &mut HistogramSnapshot) {
+        into.bounds_s = &S::BOUNDS_S;
         for (acc, b) in into.counts.iter_mut().zip(&self.buckets) {
             *acc += b.load(Relaxed);
         }
-        into.sum_us += self.sum_us.load(Relaxed);
+        into.sum_ns += self.sum_ns.load(Relaxed);
+    }
+
+    /// This histogram alone, now.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut s = HistogramSnapshot::default();
+        self.merge_into(&mut s);
+        s
     }
 }
 
 /// A histogram merged over shards, at one moment.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct HistogramSnapshot {
+    /// Upper bounds of the buckets, seconds (+Inf implicit).
+    pub bounds_s: &'static [f64; 14],
     /// Non-cumulative count per bucket; the last is +Inf.
-    pub counts: [u64; BOUNDS_US.len() + 1],
-    /// Sum of all observations, µs.
-    pub sum_us: u64,
+    pub counts: [u64; 15],
+    /// Sum of all observations, ns.
+    pub sum_ns: u64,
+}
+
+impl Default for HistogramSnapshot {
+    fn default() -> Self {
+        HistogramSnapshot { bounds_s: &Latency::BOUNDS_S, counts: [0; 15], sum_ns: 0 }
+    }
 }
 
 impl HistogramSnapshot {
     /// Merged over every shard of `h`, reading each shard's histogram with `f`.
-    pub fn of<T>(h: &PerWorker<T>, f: impl Fn(&T) -> &Histogram) -> Self {
-        let mut s = HistogramSnapshot::default();
+    pub fn of<T, S: Scale>(h: &PerWorker<T>, f: impl Fn(&T) -> &Histogram<S>) -> Self {
+        let mut s = HistogramSnapshot { bounds_s: &S::BOUNDS_S, ..Default::default() };
         for shard in h.iter() {
             f(shard).merge_into(&mut s);
         }
@@ -195,7 +265,7 @@ impl HistogramSnapshot {
 
     /// Sum of observations, seconds.
     pub fn sum_s(&self) -> f64 {
-        self.sum_us as f64 / 1e6
+        self.sum_ns as f64 / 1e9
     }
 
     /// Cumulative counts: ≤ each bound, then the total.
@@ -236,9 +306,15 @@ mod tests {
         assert_eq!(s.counts[3], 1, "≤ 5 ms");
         assert_eq!(s.counts[14], 1, "+Inf");
         let cum = s.cumulative();
-        assert_eq!(cum.len(), BOUNDS_S.len() + 1);
+        assert_eq!(cum.len(), s.bounds_s.len() + 1);
         assert_eq!(*cum.last().unwrap(), 4);
-        assert_eq!(s.sum_us, 300 + 500 + 3_000 + 60_000_000);
+        assert_eq!(s.sum_ns, (300 + 500 + 3_000 + 60_000_000) * 1_000);
+        let d: Histogram<Decision> = Histogram::default();
+        d.observe(Duration::from_nanos(400));
+        d.observe(Duration::from_micros(3));
+        let s = d.snapshot();
+        assert_eq!((s.counts[1], s.counts[4]), (1, 1), "≤ 500 ns, ≤ 5 µs");
+        assert_eq!(s.bounds_s[0], 250e-9);
     }
 
     #[test]
