@@ -5,8 +5,9 @@
 #   bench/run.sh                       # pinned (wrk on cpu0, proxies + backends on cpu1), c=50 and c=200
 #   bench/run.sh --rounds 6 --duration 5
 #   GATEWAY_STRATEGY=random bench/run.sh
-#   bench/run.sh --variants            # also the gateway with metrics off and with the access
-#                                      # log on (to a file), in the same interleaved rounds
+#   bench/run.sh --variants            # also the gateway with metrics off, with the access log
+#                                      # on (to a file), and with no flags at all (access log to
+#                                      # stderr), in the same interleaved rounds
 #
 # Results: the RESULT lines at the end, and the output dir it names. The harness in
 # bench/harness/ is the team's lbbench (see bench/harness/README.md).
@@ -25,7 +26,8 @@ if [ "${1:-}" = "--variants" ]; then
   shift
   log="$(mktemp -d)/access.log"
   extra=(--extra-gw "gateway-no-metrics=bench/gateway-cmd.sh --no-metrics"
-         --extra-gw "gateway-access-log=bench/gateway-cmd.sh --with-access-log $log")
+         --extra-gw "gateway-access-log=bench/gateway-cmd.sh --with-access-log $log"
+         --extra-gw "gateway-defaults=bench/gateway-cmd.sh --defaults")
 fi
 
 cargo build --release -p gateway

@@ -295,7 +295,7 @@ mod tests {
 
     #[test]
     fn histogram_buckets_and_cumulative_counts() {
-        let h = Histogram::default();
+        let h: Histogram = Histogram::default();
         h.observe(Duration::from_micros(300));
         h.observe(Duration::from_micros(500));
         h.observe(Duration::from_millis(3));
