@@ -3,7 +3,7 @@
 # no access log (HAProxy and nginx in the harness log nothing either), metrics on (the
 # default). Extra arguments go to the gateway (e.g. --no-metrics); `--with-access-log FILE`
 # turns the access log on, written to FILE; `--defaults` leaves the log flags out (access
-# log on, to stderr).
+# log on, to stderr). GATEWAY_BIN=PATH runs another build (e.g. the previous release).
 # lbbench exports LBBENCH_PORT and LBBENCH_BACKENDS (comma-separated host:port).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,5 +19,5 @@ elif [ "${1:-}" = "--defaults" ]; then
 fi
 args=()
 for b in ${LBBENCH_BACKENDS//,/ }; do args+=(-b "$b"); done
-exec target/release/gateway --listen "127.0.0.1:${LBBENCH_PORT}" --threads 1 "${log[@]}" \
+exec "${GATEWAY_BIN:-target/release/gateway}" --listen "127.0.0.1:${LBBENCH_PORT}" --threads 1 "${log[@]}" \
   --strategy "${GATEWAY_STRATEGY:-round-robin}" "${args[@]}" "$@"

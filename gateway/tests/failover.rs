@@ -37,14 +37,7 @@ upstreams:
 fn start(dir: &TempDir, yaml: &str) -> Gateway {
     let file = dir.write("gw.yaml", yaml);
     let plugins = dir.path().join("plugins");
-    Gateway::start(&[
-        "--config",
-        file.to_str().unwrap(),
-        "--plugins",
-        plugins.to_str().unwrap(),
-        "--admin",
-        "127.0.0.1:0",
-    ])
+    Gateway::with_config(&file, &plugins)
 }
 
 /// `n` sequential GETs on fresh connections; panics on any non-200.

@@ -265,14 +265,7 @@ fn prometheus_scrapes_the_gateway_and_every_dashboard_query_works() {
     let [b1, b2, b3] = &backends;
     let file = dir.write("gw.yaml", config(&[b1, b2, b3]));
     let plugins = dir.path().join("plugins");
-    let gw = Gateway::start(&[
-        "--config",
-        file.to_str().unwrap(),
-        "--plugins",
-        plugins.to_str().unwrap(),
-        "--admin",
-        "127.0.0.1:0",
-    ]);
+    let gw = Gateway::with_config(&file, &plugins);
     let admin = gw.admin_addr();
     assert_eq!(get(gw.addr, "/").0, 200, "the gateway proxies");
 

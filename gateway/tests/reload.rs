@@ -121,14 +121,7 @@ fn config_changes_apply_live_with_zero_failed_requests() {
     std::fs::copy(test_plugin("first"), plugins.join("first.wasm")).unwrap();
     install(&dir, "gw.yaml", &yaml(&[&b1, &b2], "round-robin"));
     let file = dir.path().join("gw.yaml");
-    let gw = Gateway::start(&[
-        "--config",
-        file.to_str().unwrap(),
-        "--plugins",
-        plugins.to_str().unwrap(),
-        "--admin",
-        "127.0.0.1:0",
-    ]);
+    let gw = Gateway::with_config(&file, &plugins);
     gw.wait_for_log(Duration::from_secs(10), |l| message(l).starts_with("watching the config file"));
     let admin = gw.admin_addr();
     let traffic = Traffic::start(gw.addr);
@@ -203,14 +196,7 @@ fn sighup_and_the_api_reload_and_a_removed_backend_finishes_its_request() {
     std::fs::create_dir(&plugins).unwrap();
     std::fs::copy(test_plugin("first"), plugins.join("first.wasm")).unwrap();
     let file = dir.write("gw.yaml", yaml(&[&slow, &fast], "first"));
-    let gw = Gateway::start(&[
-        "--config",
-        file.to_str().unwrap(),
-        "--plugins",
-        plugins.to_str().unwrap(),
-        "--admin",
-        "127.0.0.1:0",
-    ]);
+    let gw = Gateway::with_config(&file, &plugins);
     let admin = gw.admin_addr();
 
     // A request in flight on `slow` while a reload removes `slow`: it still completes.

@@ -119,14 +119,7 @@ fn a_dead_backend_turns_down_on_the_open_page() {
     let backends = [Backend::new("backend-1"), Backend::new("backend-2"), Backend::new("backend-3")];
     let file = dir.write("gw.yaml", config(&backends));
     let plugins = dir.path().join("plugins");
-    let gw = Gateway::start(&[
-        "--config",
-        file.to_str().unwrap(),
-        "--plugins",
-        plugins.to_str().unwrap(),
-        "--admin",
-        "127.0.0.1:0",
-    ]);
+    let gw = Gateway::with_config(&file, &plugins);
     let admin = gw.admin_addr();
 
     // Steady traffic, so the page has rates, latencies and sparklines to draw.

@@ -22,8 +22,7 @@ pub struct Pending {
     pub(super) method: Method,
     pub(super) uri: Uri,
     pub(super) host: Option<HeaderValue>,
-    pub(super) request_id: HeaderValue,
-    pub(super) trace_id: Option<String>,
+    pub(super) trace: super::trace::Trace,
     pub(super) client: IpAddr,
     pub(super) status: u16,
     pub(super) attempts: u32,
@@ -48,8 +47,8 @@ impl Pending {
             .unwrap_or("-");
         self.log.record(&Entry {
             time: self.time,
-            request_id: self.request_id.to_str().unwrap_or("-"),
-            trace_id: self.trace_id.as_deref(),
+            request_id: self.trace.request_id().to_str().unwrap_or("-"),
+            trace_id: Some(self.trace.id()),
             client: self.client,
             method: &self.method,
             host,

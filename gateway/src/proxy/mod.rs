@@ -61,10 +61,8 @@ struct Outcome {
     fallback: bool,
     /// Why the gateway answered itself, if it did.
     generated: Option<Generated>,
-    /// `X-Request-Id` sent to the backend.
-    request_id: header::HeaderValue,
-    /// The W3C trace id of the request (continued or started here).
-    trace_id: Option<String>,
+    /// The W3C trace (continued or started here) and the request id.
+    trace: trace::Trace,
     /// Request body bytes sent, when there is a body.
     bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
@@ -102,8 +100,7 @@ impl Proxy {
             attempts: 0,
             fallback: false,
             generated: None,
-            request_id: request_id(),
-            trace_id: None,
+            trace: trace::Trace::from_client(req.headers()),
             bytes_in: None,
         };
         let mut resp = match found {
@@ -139,8 +136,7 @@ impl Proxy {
                 method,
                 uri,
                 host: host_header,
-                request_id: outcome.request_id,
-                trace_id: outcome.trace_id,
+                trace: outcome.trace,
                 client: conn.peer.ip(),
                 status: resp.status().as_u16(),
                 attempts: outcome.attempts,
@@ -172,16 +168,12 @@ impl Proxy {
         // backend, and take the client side of the connection for the tunnel.
         let upgrade = headers::upgrade_protocol(&parts.headers);
         let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
-        let trace = trace::Trace::from_client(&parts.headers);
-        if self.access_log.is_some() {
-            outcome.trace_id = Some(trace.id().to_owned());
-        }
         let forwarding = headers::Forwarding {
             client_ip: &conn.ip,
             authority: authority.as_ref(),
-            request_id: &outcome.request_id,
+            request_id: outcome.trace.request_id(),
             upgrade: upgrade.as_ref(),
-            trace: &trace,
+            trace: &outcome.trace,
         };
         let peer = conn.peer;
         let body =
@@ -407,24 +399,4 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     out
-}
-
-fn request_id() -> header::HeaderValue {
-    use std::cell::Cell;
-    thread_local! {
-        static NEXT: Cell<u64> = Cell::new(
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64
-                ^ (std::process::id() as u64) << 48,
-        );
-    }
-    let id = NEXT.with(|n| {
-        let v = n.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
-        n.set(v);
-        v
-    });
-    let mut hex = [0u8; 16];
-    for (i, b) in hex.iter_mut().enumerate() {
-        *b = b"0123456789abcdef"[((id >> (60 - 4 * i)) & 0xf) as usize];
-    }
-    header::HeaderValue::from_bytes(&hex).expect("hex is a valid header value")
 }

@@ -13,18 +13,20 @@ pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// A request's trace: its id (for the access log) and the `traceparent` the backend gets.
+/// A request's trace: its id (for the access log), the `traceparent` the backend gets,
+/// and the request id (`X-Request-Id`: the hop's span id, so the two agree).
 #[derive(Debug, Clone)]
 pub struct Trace {
     id: [u8; 32],
     traceparent: HeaderValue,
+    request_id: HeaderValue,
     continued: bool,
 }
 
 impl Trace {
     /// Continues the client's trace when it sent one valid `traceparent` (same trace id
     /// and flags, a new span id: the gateway's); otherwise starts a trace (random id,
-    /// flags `01`, sampled). One allocation: the header value. No syscall.
+    /// flags `01`, sampled). One allocation, shared by both header values. No syscall.
     pub fn from_client(headers: &HeaderMap) -> Trace {
         let mut values = headers.get_all(TRACEPARENT).iter();
         let parsed = match (values.next(), values.next()) {
@@ -47,8 +49,15 @@ impl Trace {
         hex_into(&mut value[36..52], random());
         value[52] = b'-';
         value[53..].copy_from_slice(&flags);
-        let traceparent = HeaderValue::from_bytes(&value).expect("hex and dashes are a valid header value");
-        Trace { id, traceparent, continued }
+        let bytes = bytes::Bytes::copy_from_slice(&value);
+        let request_id = HeaderValue::from_maybe_shared(bytes.slice(36..52)).expect("hex is a valid header value");
+        let traceparent = HeaderValue::from_maybe_shared(bytes).expect("hex and dashes are a valid header value");
+        Trace { id, traceparent, request_id, continued }
+    }
+
+    /// The request id: the gateway's span id for this hop, 16 lowercase hex digits.
+    pub fn request_id(&self) -> &HeaderValue {
+        &self.request_id
     }
 
     /// The trace id, 32 lowercase hex digits.
@@ -94,11 +103,22 @@ fn all_zero(s: &[u8]) -> bool {
     s.iter().all(|&b| b == b'0')
 }
 
+/// Every byte as its two lowercase hex digits.
+const PAIRS: [[u8; 2]; 256] = {
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [HEX[i >> 4], HEX[i & 0xf]];
+        i += 1;
+    }
+    t
+};
+
 /// `n` as 16 lowercase hex digits into `out` (16 bytes); never all zeros.
 fn hex_into(out: &mut [u8], n: u64) {
     let n = if n == 0 { 1 } else { n };
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
+    for (pair, byte) in out.chunks_exact_mut(2).zip(n.to_be_bytes()) {
+        pair.copy_from_slice(&PAIRS[byte as usize]);
     }
 }
 

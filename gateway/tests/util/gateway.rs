@@ -51,6 +51,19 @@ impl Gateway {
         Self::start_with(args, &[], STARTUP)
     }
 
+    /// `gateway --config FILE --plugins DIR --admin 127.0.0.1:0` (the admin listener on a
+    /// free port: [`Gateway::admin_addr`]).
+    pub fn with_config(file: &std::path::Path, plugins: &std::path::Path) -> Gateway {
+        Self::start(&[
+            "--config",
+            file.to_str().expect("a UTF-8 path"),
+            "--plugins",
+            plugins.to_str().expect("a UTF-8 path"),
+            "--admin",
+            "127.0.0.1:0",
+        ])
+    }
+
     /// Like [`Gateway::start`], with extra environment variables (e.g. `XDG_CACHE_HOME`
     /// for the compiled-plugin cache) and a longer or shorter wait for it to listen
     /// (loading a Python or JavaScript plugin that is not in the cache compiles it first).
