@@ -78,8 +78,17 @@ impl Router {
                 }
                 (_, None) => false,
             };
-            host_ok && path.starts_with(&r.prefix)
+            host_ok && prefix_matches(&r.prefix, path)
         })
+    }
+}
+
+/// Whether `path` is under `prefix` segment by segment: `/api` matches `/api`, `/api/`
+/// and `/api/x`, not `/apiary`; a prefix ending in `/` matches everything below it.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'),
+        None => false,
     }
 }
 
@@ -93,6 +102,18 @@ fn strip_port(host: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_prefix_matches_whole_segments_only() {
+        assert!(prefix_matches("/api", "/api"));
+        assert!(prefix_matches("/api", "/api/"));
+        assert!(prefix_matches("/api", "/api/v1/x"));
+        assert!(!prefix_matches("/api", "/apiary"));
+        assert!(!prefix_matches("/api", "/ap"));
+        assert!(prefix_matches("/api/", "/api/x"));
+        assert!(!prefix_matches("/api/", "/api"));
+        assert!(prefix_matches("/", "/anything"));
+    }
 
     #[test]
     fn host_port_is_ignored_and_wildcards_match_subdomains_only() {

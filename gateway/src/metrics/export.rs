@@ -229,6 +229,7 @@ impl prometheus_client::collector::Collector for Scrape {
         let mut retries = Vec::new();
         let (mut decisions, mut fallbacks, mut plugin_failures, mut decision_time, mut info) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut dropped_headers = Vec::new();
         let plugins: Vec<_> = view.upstreams.iter().map(|u| u.selector.binding().plugin()).collect();
         for (u, plugin) in view.upstreams.iter().zip(&plugins) {
             let m = &u.metrics;
@@ -240,6 +241,7 @@ impl prometheus_client::collector::Collector for Scrape {
             }
             let labels = vec![("upstream", u.name.as_str()), ("plugin", plugin.name.as_str())];
             decisions.push((labels.clone(), m.shards.sum(|s| s.decisions.get())));
+            dropped_headers.push((labels.clone(), m.dropped_headers.get()));
             fallbacks.push((labels.clone(), m.fallbacks.get()));
             for (kind, c) in UpstreamMetrics::FAILURE_KINDS.iter().zip(&m.failures) {
                 let mut l = labels.clone();
@@ -276,6 +278,12 @@ impl prometheus_client::collector::Collector for Scrape {
             "plugin_failures",
             "Plugin calls that failed, by kind (trap, timeout, bad_answer, instantiate).",
             &plugin_failures,
+        )?;
+        counter(
+            &mut enc,
+            "plugin_dropped_headers",
+            "Response headers a plugin set that would change the response's framing or connection (content-length, transfer-encoding, connection, ...): dropped.",
+            &dropped_headers,
         )?;
         histogram(
             &mut enc,

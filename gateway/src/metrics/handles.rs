@@ -128,6 +128,8 @@ pub struct UpstreamMetrics {
     pub fallbacks: Counter,
     /// Plugin failures by [`UpstreamMetrics::FAILURE_KINDS`].
     pub failures: [Counter; 4],
+    /// Response headers a plugin set that would change framing (dropped).
+    pub dropped_headers: Counter,
 }
 
 impl UpstreamMetrics {

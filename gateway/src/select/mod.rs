@@ -9,6 +9,28 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
+/// Response headers a plugin may not set: they belong to the HTTP framing of the
+/// connection, not to the response.
+const FORBIDDEN: [&str; 9] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "host",
+];
+
+/// `headers` without the [`FORBIDDEN`] ones, and how many were dropped.
+fn without_framing(mut headers: Vec<(String, String)>) -> (Vec<(String, String)>, usize) {
+    let before = headers.len();
+    headers.retain(|(name, _)| !FORBIDDEN.iter().any(|f| name.eq_ignore_ascii_case(f)));
+    let dropped = before - headers.len();
+    (headers, dropped)
+}
+
 /// What to do with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Choice {
@@ -94,9 +116,11 @@ impl Selector {
         }
         match picked {
             Ok(d) => match d.target {
-                Target::Backend(i) if !exclude.contains(&i) => {
-                    Choice::Backend { index: i as usize, response_headers: d.response_headers, fallback: false }
-                }
+                Target::Backend(i) if !exclude.contains(&i) => Choice::Backend {
+                    index: i as usize,
+                    response_headers: self.allowed(d.response_headers),
+                    fallback: false,
+                },
                 Target::Backend(i) => {
                     self.failed(
                         PickErrorKind::BadAnswer,
@@ -104,13 +128,27 @@ impl Selector {
                     );
                     self.fallback(pool, exclude)
                 }
-                Target::Reject(status, text) => Choice::Reject { status, text, response_headers: d.response_headers },
+                Target::Reject(status, text) => {
+                    Choice::Reject { status, text, response_headers: self.allowed(d.response_headers) }
+                }
             },
             Err(e) => {
                 self.failed(e.kind, &e.message);
                 self.fallback(pool, exclude)
             }
         }
+    }
+
+    /// A plugin's response headers without those that would change the response's
+    /// framing or the connection (`content-length`, `transfer-encoding`, `connection`,
+    /// ...): those are dropped and counted.
+    fn allowed(&self, headers: Vec<(String, String)>) -> Vec<(String, String)> {
+        let (headers, dropped) = without_framing(headers);
+        if dropped > 0 {
+            self.metrics.dropped_headers.add(dropped as u64);
+            tracing::debug!(upstream = %self.binding.upstream(), dropped, "plugin response headers that set framing or hop-by-hop fields were dropped");
+        }
+        headers
     }
 
     fn failed(&self, kind: PickErrorKind, message: &str) {
@@ -150,5 +188,25 @@ impl Selector {
         }
         let turn = self.fallback_turn.fetch_add(1, Relaxed) as usize;
         Choice::Backend { index: healthy[turn % healthy.len()], response_headers: Vec::new(), fallback: true }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plugin_cannot_set_framing_or_hop_by_hop_headers() {
+        let h = |n: &str| (n.to_owned(), "x".to_owned());
+        let (kept, dropped) = without_framing(vec![
+            h("set-cookie"),
+            h("Content-Length"),
+            h("transfer-encoding"),
+            h("CONNECTION"),
+            h("x-canary"),
+            h("upgrade"),
+        ]);
+        assert_eq!(kept, vec![h("set-cookie"), h("x-canary")]);
+        assert_eq!(dropped, 4);
     }
 }
