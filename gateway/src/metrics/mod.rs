@@ -19,14 +19,9 @@ use std::time::Duration;
 
 pub use export::encode;
 
-/// One decision in this many is timed.
-#[inline]
-pub fn handles_decision_sample() -> u64 {
-    handles::DECISION_SAMPLE
-}
 pub use handles::{
-    BackendMetrics, BackendShard, Generated, GlobalShard, HealthMetrics, LastCheck, RetryReason, RouteMetrics,
-    RouteShard, UpstreamMetrics, UpstreamShard, control, global, now_ms,
+    BackendMetrics, BackendShard, DECISION_SAMPLE, Generated, GlobalShard, HealthMetrics, LastCheck, RetryReason,
+    RouteMetrics, RouteShard, UpstreamMetrics, UpstreamShard, control, global, now_ms,
 };
 
 /// Upper bounds of latency histogram buckets, in seconds (+Inf is implicit).
@@ -181,13 +176,6 @@ impl Counter {
     #[inline]
     pub fn inc(&self) {
         self.add(1);
-    }
-
-    /// Subtracts one (gauges kept as a counter pair are not needed: in-flight counts
-    /// move up and down on the same shard).
-    #[inline]
-    pub fn dec(&self) {
-        self.0.fetch_sub(1, Relaxed);
     }
 
     /// The current value.

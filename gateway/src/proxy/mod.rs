@@ -230,15 +230,15 @@ impl Proxy {
             let timeouts = &upstream.timeouts;
             let result =
                 tokio::time::timeout(timeouts.response_header, conns.send(entry, attempt, timeouts.connect)).await;
-            if let Ok(Ok(_)) = &result {
+            if let Ok(Ok((resp, _))) = &result {
                 // A backend answered: whatever an earlier attempt failed with, this
                 // response is the backend's, not the gateway's.
                 outcome.generated = None;
-            }
-            if counting && let Ok(Ok((resp, _))) = &result {
-                let shard = entry.metrics.shards.local();
-                shard.requests[metrics::class(resp.status().as_u16())].inc();
-                shard.latency.observe(sent.elapsed());
+                if counting {
+                    let shard = entry.metrics.shards.local();
+                    shard.requests[metrics::class(resp.status().as_u16())].inc();
+                    shard.latency.observe(sent.elapsed());
+                }
             }
             let failure = match result {
                 Ok(Ok((resp, conn))) if resp.status().is_server_error() => {
@@ -246,7 +246,6 @@ impl Proxy {
                     self.failed(upstream, entry, &format!("answered {}", resp.status()));
                     if retry {
                         last_error = Some(finish(resp, guard, conn, extra_headers));
-                        outcome.generated = None;
                         retrying = Some(RetryReason::Status5xx);
                         continue;
                     }

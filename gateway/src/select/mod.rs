@@ -1,7 +1,7 @@
 //! Backend selection: the Wasm plugin's decision, with a native round robin as the
 //! fallback when the plugin fails (trap, timeout, bad answer).
 
-use crate::metrics::{UpstreamMetrics, handles_decision_sample};
+use crate::metrics::{DECISION_SAMPLE, UpstreamMetrics};
 use crate::plugin::{Binding, PickErrorKind, Target};
 use crate::pool::PoolSnapshot;
 use std::net::IpAddr;
@@ -109,7 +109,7 @@ impl Selector {
         shard.decisions.inc();
         // Time one decision in DECISION_SAMPLE: two clock reads per decision would cost
         // more than most decisions.
-        let timed = shard.decisions.get().is_multiple_of(handles_decision_sample()).then(Instant::now);
+        let timed = shard.decisions.get().is_multiple_of(DECISION_SAMPLE).then(Instant::now);
         let picked = self.binding.pick(parts, client_ip, pool, exclude);
         if let Some(started) = timed {
             shard.decision_time.observe(started.elapsed());
