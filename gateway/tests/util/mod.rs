@@ -3,7 +3,8 @@
 //! client ([`get`], [`KeepAlive`], [`upload`], [`download`], [`get_h2c`]), a browser-like
 //! client with its own client IP, headers and cookie jar ([`Browser`]), a backend whose
 //! latency can change ([`TunableBackend`]), scratch folders ([`TempDir`]) and real
-//! headless Chromium driven over the DevTools protocol ([`Chromium`]).
+//! headless Chromium driven over the DevTools protocol ([`Chromium`]) and test
+//! certificates made by `openssl` ([`Ca`]).
 //!
 //! Everything async runs on one background runtime ([`rt`]); the tests themselves are
 //! plain synchronous `#[test]` functions. Every wait is bounded by a deadline.
@@ -13,6 +14,7 @@
 
 mod backend;
 mod browser;
+mod certs;
 mod chromium;
 mod client;
 mod gateway;
@@ -21,6 +23,7 @@ mod tunable;
 
 pub use backend::{BIG_BYTES, Backend, Hit};
 pub use browser::{Browser, set_cookies};
+pub use certs::{Ca, Issued};
 pub use chromium::Chromium;
 pub use client::{Download, KeepAlive, Reply, download, get, get_h2c, request, request_with_headers, try_get, upload};
 pub use gateway::{CliOutput, Gateway, message, run_cli, run_cli_with_env};
