@@ -8,25 +8,24 @@
 //! each case also prints the CPU time its thread spent per line (`/proc/thread-self/schedstat`).
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use gateway::access_log::{AccessLog, Entry};
+use gateway::access_log::{AccessLog, Entry, Names};
 use gateway::config::{self, LogFormat};
 use std::time::{Duration, SystemTime};
 
 fn record(c: &mut Criterion) {
     let method = http::Method::GET;
+    let names = Names::new("default", "web", "round-robin");
     let entry = Entry {
         time: SystemTime::now(),
-        request_id: "4f1c2a9e0b7d3e61",
-        trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736"),
-        client: "203.0.113.7".parse().unwrap(),
+        request_id: b"4f1c2a9e0b7d3e61",
+        trace_id: Some(b"4bf92f3577b34da6a3ce929d0e0e4736"),
+        client: b"203.0.113.7",
         method: &method,
         host: "shop.example",
         path: "/book/dune?user=42&sort=price",
         status: 200,
-        route: "default",
-        upstream: "web",
+        names: &names,
         backend: "10.0.0.12:8080",
-        strategy: "round-robin",
         attempts: 1,
         fallback: false,
         bytes_in: 0,

@@ -19,7 +19,6 @@ use crate::config::{self, LogFormat};
 use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IsTerminal as _, Write};
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
@@ -42,18 +41,20 @@ const POLL_IDLE: Duration = Duration::from_millis(50);
 const FLUSH_WAIT: Duration = Duration::from_secs(2);
 
 /// One request, as the access log records it. Every field is borrowed: building an
-/// entry costs nothing.
+/// entry costs nothing. Fields the gateway makes itself (ids, the client address, the
+/// method, the names from the config) are written as they are; what the client sent
+/// (host, path) and backend ids are escaped.
 #[derive(Debug, Clone)]
 pub struct Entry<'a> {
     /// When the request arrived.
     pub time: SystemTime,
-    /// `X-Request-Id` as forwarded.
-    pub request_id: &'a str,
+    /// `X-Request-Id` as forwarded: hex digits, written as is.
+    pub request_id: &'a [u8],
     /// W3C trace id (32 hex digits), when the request was traced.
-    pub trace_id: Option<&'a str>,
-    /// The client's address.
-    pub client: IpAddr,
-    /// Request method.
+    pub trace_id: Option<&'a [u8]>,
+    /// The client's IP address as text (written as is).
+    pub client: &'a [u8],
+    /// Request method (a token: never needs escaping).
     pub method: &'a http::Method,
     /// `Host` (or `:authority`) as received.
     pub host: &'a str,
@@ -61,14 +62,10 @@ pub struct Entry<'a> {
     pub path: &'a str,
     /// Status sent to the client.
     pub status: u16,
-    /// Route name, `-` when none matched.
-    pub route: &'a str,
-    /// Upstream name, `-` when none.
-    pub upstream: &'a str,
+    /// Route, upstream and strategy names, rendered once per route.
+    pub names: &'a Names,
     /// Backend id of the last attempt, `-` when none.
     pub backend: &'a str,
-    /// Strategy plugin name, `-` when none.
-    pub strategy: &'a str,
     /// Attempts made (0 when the gateway answered itself).
     pub attempts: u32,
     /// Whether the fallback round robin chose (the plugin failed).
@@ -81,6 +78,38 @@ pub struct Entry<'a> {
     pub duration: Duration,
     /// Why the gateway answered itself (`no_route`, `no_healthy_backend`, ...).
     pub reason: Option<&'a str>,
+}
+
+/// A route's `route`, `upstream` and `strategy` fields, rendered (and escaped) for both
+/// formats when the route is built, so a line copies them instead of escaping three
+/// strings per request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    json: Box<[u8]>,
+    text: Box<[u8]>,
+}
+
+impl Names {
+    /// The fields for a route named `route` to `upstream`, decided by `strategy`.
+    pub fn new(route: &str, upstream: &str, strategy: &str) -> Names {
+        let mut json = Vec::new();
+        for (key, value) in [(&b",\"route\":"[..], route), (b",\"upstream\":", upstream), (b",\"strategy\":", strategy)]
+        {
+            json.extend_from_slice(key);
+            json_str(&mut json, value);
+        }
+        let mut text = Vec::new();
+        for (key, value) in [(&b" route="[..], route), (b" upstream=", upstream), (b" strategy=", strategy)] {
+            text_field(&mut text, key, value);
+        }
+        Names { json: json.into(), text: text.into() }
+    }
+
+    /// The fields of a request no route matched: all `-`.
+    pub fn none() -> &'static Names {
+        static NONE: std::sync::OnceLock<Names> = std::sync::OnceLock::new();
+        NONE.get_or_init(|| Names::new("-", "-", "-"))
+    }
 }
 
 /// The non-blocking access log; one per gateway, shared by all workers.
@@ -550,6 +579,11 @@ fn civil_time(secs: u64) -> [u8; 19] {
 
 #[inline(always)]
 fn write_u64(out: &mut Vec<u8>, mut n: u64) {
+    // Attempts, a bodiless request's bytes: one digit, no copy of a variable length.
+    if n < 10 {
+        out.push(b'0' + n as u8);
+        return;
+    }
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {
@@ -563,28 +597,25 @@ fn write_u64(out: &mut Vec<u8>, mut n: u64) {
     out.extend_from_slice(&digits[i..]);
 }
 
-/// Milliseconds with three decimals: `12.345`.
-fn write_ms(out: &mut Vec<u8>, d: Duration) {
-    let micros = d.as_micros().min(u128::from(u64::MAX)) as u64;
-    write_u64(out, micros / 1000);
-    let frac = micros % 1000;
-    out.extend_from_slice(&[b'.', b'0' + (frac / 100) as u8, b'0' + (frac / 10 % 10) as u8, b'0' + (frac % 10) as u8]);
+/// An HTTP status: three digits (a status outside 100..=999 is written in full).
+#[inline(always)]
+fn write_status(out: &mut Vec<u8>, status: u16) {
+    if (100..1000).contains(&status) {
+        out.extend_from_slice(&[
+            b'0' + (status / 100) as u8,
+            b'0' + (status / 10 % 10) as u8,
+            b'0' + (status % 10) as u8,
+        ]);
+    } else {
+        write_u64(out, u64::from(status));
+    }
 }
 
-fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
-    match ip {
-        IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
-                write_u64(out, u64::from(octet));
-            }
-        }
-        IpAddr::V6(v6) => {
-            let _ = write!(out, "{v6}");
-        }
-    }
+/// Milliseconds with three decimals: `12.345`.
+fn write_ms(out: &mut Vec<u8>, d: Duration) {
+    write_u64(out, d.as_secs().saturating_mul(1000).saturating_add(u64::from(d.subsec_millis())));
+    let frac = d.subsec_micros() % 1000;
+    out.extend_from_slice(&[b'.', b'0' + (frac / 100) as u8, b'0' + (frac / 10 % 10) as u8, b'0' + (frac % 10) as u8]);
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -664,30 +695,32 @@ fn json_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
 
 /// One JSON object and a newline. Keys are written as whole literals (one copy each).
 fn write_json(out: &mut Vec<u8>, clock: &mut Clock, e: &Entry<'_>) {
+    // One growth check for the line, whatever the client sent.
+    out.reserve(400 + e.host.len() + e.path.len());
     out.extend_from_slice(b"{\"time\":\"");
     clock.write(out, e.time);
-    out.extend_from_slice(b"\",\"request_id\":");
-    json_str(out, e.request_id);
-    out.extend_from_slice(b",\"trace_id\":");
-    json_opt_str(out, e.trace_id);
-    out.extend_from_slice(b",\"client\":\"");
-    write_ip(out, e.client);
-    out.extend_from_slice(b"\",\"method\":");
-    json_str(out, e.method.as_str());
-    out.extend_from_slice(b",\"host\":");
+    out.extend_from_slice(b"\",\"request_id\":\"");
+    out.extend_from_slice(e.request_id);
+    match e.trace_id {
+        Some(id) => {
+            out.extend_from_slice(b"\",\"trace_id\":\"");
+            out.extend_from_slice(id);
+            out.extend_from_slice(b"\",\"client\":\"");
+        }
+        None => out.extend_from_slice(b"\",\"trace_id\":null,\"client\":\""),
+    }
+    out.extend_from_slice(e.client);
+    out.extend_from_slice(b"\",\"method\":\"");
+    out.extend_from_slice(e.method.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"host\":");
     json_str(out, e.host);
     out.extend_from_slice(b",\"path\":");
     json_str(out, e.path);
     out.extend_from_slice(b",\"status\":");
-    write_u64(out, u64::from(e.status));
-    out.extend_from_slice(b",\"route\":");
-    json_str(out, e.route);
-    out.extend_from_slice(b",\"upstream\":");
-    json_str(out, e.upstream);
+    write_status(out, e.status);
+    out.extend_from_slice(&e.names.json);
     out.extend_from_slice(b",\"backend\":");
     json_str(out, e.backend);
-    out.extend_from_slice(b",\"strategy\":");
-    json_str(out, e.strategy);
     out.extend_from_slice(b",\"attempts\":");
     write_u64(out, u64::from(e.attempts));
     out.extend_from_slice(if e.fallback {
@@ -728,30 +761,31 @@ fn text_field(out: &mut Vec<u8>, key: &[u8], value: &str) {
 /// A combined-log-like line, then `key=value` pairs:
 /// `203.0.113.7 [2025-01-31T12:34:56.789Z] "GET /a?b=1" 200 512 host=shop.example ...`
 fn write_text(out: &mut Vec<u8>, clock: &mut Clock, e: &Entry<'_>) {
-    write_ip(out, e.client);
+    out.reserve(400 + e.host.len() + e.path.len());
+    out.extend_from_slice(e.client);
     out.extend_from_slice(b" [");
     clock.write(out, e.time);
     out.extend_from_slice(b"] \"");
-    write_json_str(out, e.method.as_str());
+    out.extend_from_slice(e.method.as_str().as_bytes());
     out.push(b' ');
     write_json_str(out, e.path);
     out.extend_from_slice(b"\" ");
-    write_u64(out, u64::from(e.status));
+    write_status(out, e.status);
     out.push(b' ');
     write_u64(out, e.bytes_out);
     text_field(out, b" host=", e.host);
-    text_field(out, b" route=", e.route);
-    text_field(out, b" upstream=", e.upstream);
+    out.extend_from_slice(&e.names.text);
     text_field(out, b" backend=", e.backend);
-    text_field(out, b" strategy=", e.strategy);
     out.extend_from_slice(b" attempts=");
     write_u64(out, u64::from(e.attempts));
     out.extend_from_slice(if e.fallback { b" fallback=true bytes_in=" } else { b" fallback=false bytes_in=" });
     write_u64(out, e.bytes_in);
     out.extend_from_slice(b" duration_ms=");
     write_ms(out, e.duration);
-    text_field(out, b" request_id=", e.request_id);
-    text_field(out, b" trace_id=", e.trace_id.unwrap_or("-"));
+    out.extend_from_slice(b" request_id=");
+    out.extend_from_slice(e.request_id);
+    out.extend_from_slice(b" trace_id=");
+    out.extend_from_slice(e.trace_id.unwrap_or(b"-"));
     text_field(out, b" reason=", e.reason.unwrap_or("-"));
     out.push(b'\n');
 }
@@ -765,17 +799,15 @@ mod tests {
     fn entry<'a>(method: &'a http::Method) -> Entry<'a> {
         Entry {
             time: UNIX_EPOCH + Duration::from_millis(1_738_326_896_789),
-            request_id: "4f1c2a9e0b7d3e61",
-            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736"),
-            client: "203.0.113.7".parse().unwrap(),
+            request_id: b"4f1c2a9e0b7d3e61",
+            trace_id: Some(b"4bf92f3577b34da6a3ce929d0e0e4736"),
+            client: b"203.0.113.7",
             method,
             host: "shop.example",
             path: "/book/dune?user=42",
             status: 200,
-            route: "default",
-            upstream: "web",
+            names: names(),
             backend: "b1",
-            strategy: "round-robin",
             attempts: 1,
             fallback: false,
             bytes_in: 0,
@@ -783,6 +815,11 @@ mod tests {
             duration: Duration::from_micros(1_234),
             reason: None,
         }
+    }
+
+    fn names() -> &'static Names {
+        static NAMES: std::sync::OnceLock<Names> = std::sync::OnceLock::new();
+        NAMES.get_or_init(|| Names::new("default", "web", "round-robin"))
     }
 
     fn clock() -> Clock {
@@ -859,8 +896,8 @@ mod tests {
             "reason": null,
         });
         assert_eq!(v, expected);
-        let v6: IpAddr = "2001:db8::1".parse().unwrap();
-        let reason = Entry { client: v6, trace_id: None, reason: Some("no_route"), fallback: true, ..entry(&get) };
+        let reason =
+            Entry { client: b"2001:db8::1", trace_id: None, reason: Some("no_route"), fallback: true, ..entry(&get) };
         let v: Value = serde_json::from_str(&json_line(&reason)).unwrap();
         assert_eq!((v["client"].as_str(), v["trace_id"].is_null()), (Some("2001:db8::1"), true));
         assert_eq!((v["reason"].as_str(), v["fallback"].as_bool()), (Some("no_route"), Some(true)));
@@ -870,7 +907,8 @@ mod tests {
     fn strings_are_json_escaped() {
         let get = http::Method::GET;
         let nasty = "a\"b\\c\nd\re\tf\u{0}g\u{1f}h\u{8}\u{c}i\u{7f}é€😀\u{2028}";
-        let e = Entry { host: nasty, path: "/\"quoted\"", route: "\\", backend: "", ..entry(&get) };
+        let names = Names::new("\\", "web", "round-robin");
+        let e = Entry { host: nasty, path: "/\"quoted\"", names: &names, backend: "", ..entry(&get) };
         let line = json_line(&e);
         assert_eq!(line.matches('\n').count(), 1, "{line}");
         assert!(line.contains(r#"a\"b\\c\nd\re\tf\u0000g\u001fh\b\fi"#), "{line}");
@@ -911,11 +949,12 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "203.0.113.7 [2025-01-31T12:34:56.789Z] \"GET /book/dune?user=42\" 200 512 host=shop.example \
-             route=default upstream=web backend=b1 strategy=round-robin attempts=1 fallback=false bytes_in=0 \
+             route=default upstream=web strategy=round-robin backend=b1 attempts=1 fallback=false bytes_in=0 \
              duration_ms=1.234 request_id=4f1c2a9e0b7d3e61 trace_id=4bf92f3577b34da6a3ce929d0e0e4736 reason=-\n"
         );
         let mut out = Vec::new();
-        let e = Entry { host: "a b\n\u{1b}[31m", route: "", path: "/x\"y", ..entry(&get) };
+        let names = Names::new("", "web", "round-robin");
+        let e = Entry { host: "a b\n\u{1b}[31m", names: &names, path: "/x\"y", ..entry(&get) };
         write_text(&mut out, &mut clock(), &e);
         let line = String::from_utf8(out).unwrap();
         assert_eq!(line.matches('\n').count(), 1, "{line}");
@@ -923,7 +962,8 @@ mod tests {
         assert!(line.contains(r#"host="a b\n\u001b[31m" route="""#), "{line}");
         assert!(line.contains(r#""GET /x\"y""#), "{line}");
         let mut out = Vec::new();
-        write_text(&mut out, &mut clock(), &Entry { route: "a route name with spaces", ..entry(&get) });
+        let names = Names::new("a route name with spaces", "web", "round-robin");
+        write_text(&mut out, &mut clock(), &Entry { names: &names, ..entry(&get) });
         assert!(String::from_utf8(out).unwrap().contains(r#" route="a route name with spaces" "#));
     }
 
@@ -989,14 +1029,14 @@ mod tests {
         let rotated = dir.join("access.log.1");
         let log = file_log(&path, None);
         let get = http::Method::GET;
-        log.record(&Entry { request_id: "before", ..entry(&get) });
+        log.record(&Entry { request_id: b"before", ..entry(&get) });
         assert!(log.flush_all());
         std::fs::rename(&path, &rotated).unwrap();
         // Written after the `mv` but before the signal: still goes to the moved file.
-        log.record(&Entry { request_id: "moved", ..entry(&get) });
+        log.record(&Entry { request_id: b"moved", ..entry(&get) });
         assert!(log.flush_all());
         log.reopen();
-        log.record(&Entry { request_id: "after", ..entry(&get) });
+        log.record(&Entry { request_id: b"after", ..entry(&get) });
         assert!(log.flush_all());
         let ids =
             |p: &Path| read_lines(p).iter().map(|l| l["request_id"].as_str().unwrap().to_owned()).collect::<Vec<_>>();

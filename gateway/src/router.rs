@@ -16,6 +16,8 @@ pub struct Route {
     pub upstream: Arc<Upstream>,
     /// Requests and latency as the client sees them (kept across reloads by name).
     pub metrics: Arc<crate::metrics::RouteMetrics>,
+    /// The route's names as its access-log lines carry them.
+    pub log_names: crate::access_log::Names,
 }
 
 #[derive(Debug)]
@@ -41,6 +43,11 @@ impl Router {
             .map(|(i, r)| (r.name.clone().unwrap_or_else(|| format!("route-{i}")), r))
             .map(|(name, r)| Route {
                 metrics: crate::metrics::control().route(&name),
+                log_names: crate::access_log::Names::new(
+                    &name,
+                    &r.upstream,
+                    &upstreams[&r.upstream].config.strategy.plugin,
+                ),
                 name,
                 host: match r.host.as_deref() {
                     None | Some("*") => HostMatch::Any,

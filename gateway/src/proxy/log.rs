@@ -2,10 +2,9 @@
 //! headers go out, completed with the body's bytes when the body ends (then the line is
 //! handed to the non-blocking [`AccessLog`]).
 
-use crate::access_log::{AccessLog, Entry};
+use crate::access_log::{AccessLog, Entry, Names};
 use crate::view::View;
 use http::{HeaderValue, Method, Uri};
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Instant, SystemTime};
@@ -23,7 +22,8 @@ pub struct Pending {
     pub(super) uri: Uri,
     pub(super) host: Option<HeaderValue>,
     pub(super) trace: super::trace::Trace,
-    pub(super) client: IpAddr,
+    /// The client's IP as text (shared with the connection).
+    pub(super) client: HeaderValue,
     pub(super) status: u16,
     pub(super) attempts: u32,
     pub(super) fallback: bool,
@@ -35,29 +35,26 @@ pub struct Pending {
 impl Pending {
     /// Writes the line: the response went to the client from `backend` (its id, or
     /// none when the gateway answered itself) with `bytes_out` body bytes.
-    pub fn record(self, backend: Option<&str>, bytes_out: u64) {
+    pub fn record(&self, backend: Option<&str>, bytes_out: u64) {
         let route = self.route.and_then(|i| self.view.router.routes().get(i));
-        let plugin = route.map(|r| r.upstream.selector.binding().plugin());
         let path = self.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let host = self
             .uri
             .authority()
             .map(|a| a.as_str())
-            .or_else(|| self.host.as_ref().and_then(|h| h.to_str().ok()))
+            .or_else(|| self.host.as_ref().and_then(|h| std::str::from_utf8(h.as_bytes()).ok()))
             .unwrap_or("-");
         self.log.record(&Entry {
             time: self.time,
-            request_id: self.trace.request_id().to_str().unwrap_or("-"),
-            trace_id: Some(self.trace.id()),
-            client: self.client,
+            request_id: self.trace.request_id().as_bytes(),
+            trace_id: Some(self.trace.id_hex()),
+            client: self.client.as_bytes(),
             method: &self.method,
             host,
             path,
             status: self.status,
-            route: route.map_or("-", |r| r.name.as_str()),
-            upstream: route.map_or("-", |r| r.upstream.name.as_str()),
+            names: route.map_or(Names::none(), |r| &r.log_names),
             backend: backend.unwrap_or("-"),
-            strategy: plugin.as_ref().map_or("-", |p| p.name.as_str()),
             attempts: self.attempts,
             fallback: self.fallback,
             bytes_in: self.bytes_in.as_ref().map_or(0, |b| b.load(Relaxed)),

@@ -90,9 +90,10 @@ impl Proxy {
         let time = self.access_log.as_ref().map(|_| std::time::SystemTime::now());
         // Kept for the access log; clones share the parsed bytes instead of copying them.
         let (method, uri) = (req.method().clone(), req.uri().clone());
-        let host_header = self.access_log.as_ref().and_then(|_| req.headers().get(header::HOST).cloned());
+        let host_value = req.headers().get(header::HOST);
+        let host_header = self.access_log.as_ref().and(host_value).cloned();
         let path = uri.path();
-        let host = req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(header::HOST)?.to_str().ok());
+        let host = req.uri().authority().map(|a| a.as_str()).or_else(|| host_value?.to_str().ok());
         // The request finishes on the view it started with, whatever a reload does meanwhile.
         let view = self.view.load_full();
         let found = view.router.find(host, path);
@@ -129,7 +130,7 @@ impl Proxy {
         if let (Some(log), Some(time)) = (&self.access_log, time) {
             let line = log::Pending {
                 log: log.clone(),
-                view: view.clone(),
+                view,
                 route: found,
                 time,
                 started,
@@ -137,7 +138,7 @@ impl Proxy {
                 uri,
                 host: host_header,
                 trace: outcome.trace,
-                client: conn.peer.ip(),
+                client: conn.ip.clone(),
                 status: resp.status().as_u16(),
                 attempts: outcome.attempts,
                 fallback: outcome.fallback,

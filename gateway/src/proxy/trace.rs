@@ -65,6 +65,11 @@ impl Trace {
         std::str::from_utf8(&self.id).expect("hex is ASCII")
     }
 
+    /// The trace id as its 32 hex digits.
+    pub fn id_hex(&self) -> &[u8] {
+        &self.id
+    }
+
     /// The `traceparent` value for the backend.
     pub fn traceparent(&self) -> &HeaderValue {
         &self.traceparent
