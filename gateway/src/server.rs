@@ -177,6 +177,8 @@ fn worker(gw: Arc<Gateway>, listeners: Vec<std::net::TcpListener>, stop: Cancell
                 tracing::warn!(upstream = %up.name, "warming the plugin failed: {e}");
             }
         }
+        // From here on, plugin instances are built off this worker's request path.
+        tokio::spawn(crate::plugin::maintain_instances());
         // Access-log lines are buffered per thread: hand a partly filled buffer to the
         // writer thread every 100 ms, so a quiet gateway's lines still reach the disk.
         if let Some(log) = gw.proxy.access_log.clone() {

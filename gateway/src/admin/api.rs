@@ -89,6 +89,8 @@ fn upstream_stats(gw: &Gateway, up: &Upstream) -> Value {
             "fallbacks": m.fallbacks.get(),
             "failures": failures,
             "last_error": last_error,
+            "quarantined_for_ms": up.selector.binding().quarantined_for().map(|d| d.as_millis() as u64),
+            "quarantines": up.selector.binding().quarantines(),
         },
         "backends": snap.members.iter().map(|member| backend_stats(up, member)).collect::<Vec<_>>(),
     })
@@ -173,6 +175,7 @@ pub fn upstreams(gw: &Gateway) -> Value {
                     "sha256": plugin.hash,
                     "failures": up.selector.binding().failures(),
                     "fallbacks": up.selector.fallbacks(),
+                    "quarantined_for_ms": up.selector.binding().quarantined_for().map(|d| d.as_millis() as u64),
                 },
                 "backends": snap.members.iter().map(|m| json!({
                     "id": m.entry.id,

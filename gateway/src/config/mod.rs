@@ -272,6 +272,47 @@ pub struct Plugins {
     /// (or `~/.cache/gateway/plugins`).
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
+    /// When a plugin whose calls keep failing is taken out of service.
+    #[serde(default)]
+    pub quarantine: Quarantine,
+}
+
+/// Quarantine of a failing plugin: after `after` failed calls in a row (trap, timeout,
+/// bad answer, failed instance setup) the fallback round robin serves the upstream for
+/// `backoff`; then the plugin is tried again, and each failed try doubles the backoff up
+/// to `max_backoff`. One successful call ends the quarantine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quarantine {
+    /// Failed calls in a row that start a quarantine; 0 = never. Default 5.
+    #[serde(default = "default_quarantine_after")]
+    pub after: u32,
+    /// The first quarantine's length. Default 1s.
+    #[serde(default = "default_quarantine_backoff", with = "humantime_serde")]
+    pub backoff: Duration,
+    /// The longest quarantine. Default 60s.
+    #[serde(default = "default_quarantine_max", with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+impl Default for Quarantine {
+    fn default() -> Self {
+        Quarantine {
+            after: default_quarantine_after(),
+            backoff: default_quarantine_backoff(),
+            max_backoff: default_quarantine_max(),
+        }
+    }
+}
+
+fn default_quarantine_after() -> u32 {
+    5
+}
+fn default_quarantine_backoff() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_quarantine_max() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// The admin listener.

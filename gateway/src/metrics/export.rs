@@ -229,7 +229,7 @@ impl prometheus_client::collector::Collector for Scrape {
         let mut retries = Vec::new();
         let (mut decisions, mut fallbacks, mut plugin_failures, mut decision_time, mut info) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut dropped_headers = Vec::new();
+        let (mut dropped_headers, mut quarantined, mut quarantines) = (Vec::new(), Vec::new(), Vec::new());
         let plugins: Vec<_> = view.upstreams.iter().map(|u| u.selector.binding().plugin()).collect();
         for (u, plugin) in view.upstreams.iter().zip(&plugins) {
             let m = &u.metrics;
@@ -243,11 +243,16 @@ impl prometheus_client::collector::Collector for Scrape {
             decisions.push((labels.clone(), m.shards.sum(|s| s.decisions.get())));
             dropped_headers.push((labels.clone(), m.dropped_headers.get()));
             fallbacks.push((labels.clone(), m.fallbacks.get()));
+            let binding = u.selector.binding();
             for (kind, c) in UpstreamMetrics::FAILURE_KINDS.iter().zip(&m.failures) {
                 let mut l = labels.clone();
                 l.push(("kind", *kind));
-                plugin_failures.push((l, c.get()));
+                // Instances that failed to build off the request path count as `instantiate`.
+                let off_path = if *kind == "instantiate" { binding.setup_failures() } else { 0 };
+                plugin_failures.push((l, c.get() + off_path));
             }
+            quarantined.push((labels.clone(), i64::from(binding.quarantined_for().is_some())));
+            quarantines.push((labels.clone(), binding.quarantines()));
             decision_time
                 .push((vec![("upstream", u.name.as_str())], HistogramSnapshot::of(&m.shards, |s| &s.decision_time)));
         }
@@ -278,6 +283,18 @@ impl prometheus_client::collector::Collector for Scrape {
             "plugin_failures",
             "Plugin calls that failed, by kind (trap, timeout, bad_answer, instantiate).",
             &plugin_failures,
+        )?;
+        gauge(
+            &mut enc,
+            "plugin_quarantined",
+            "1 while the upstream's plugin is quarantined (its calls kept failing; the fallback round robin serves).",
+            &quarantined,
+        )?;
+        counter(
+            &mut enc,
+            "plugin_quarantines",
+            "Times the upstream's plugin was put in quarantine (including extensions after a failed try).",
+            &quarantines,
         )?;
         counter(
             &mut enc,

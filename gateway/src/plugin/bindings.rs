@@ -6,7 +6,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
-use wasmtime::StoreLimits;
 use wasmtime::component::Resource;
 
 mod gen_ {
@@ -22,6 +21,35 @@ pub use gen_::SelectorPre;
 pub use gen_::gateway::selector::types::{
     Backend as WitBackend, BackendStats as WitBackendStats, Decision as WitDecision,
 };
+
+/// The memory bound of one instance. Growing past it traps the call with an error that
+/// says so (instead of the guest's own out-of-memory path, which in a WASI build ends in
+/// a confusing "unknown import" trap when it tries to print).
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryLimit {
+    /// Bytes of linear memory the instance may grow to.
+    pub bytes: usize,
+}
+
+/// Tables (function references) an instance may grow to: far above what any plugin uses.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+impl wasmtime::ResourceLimiter for MemoryLimit {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.bytes {
+            return Err(wasmtime::Error::msg(format!(
+                "memory limit of {} MiB reached (it asked for {} MiB)",
+                self.bytes >> 20,
+                desired.div_ceil(1 << 20)
+            )));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
 
 /// Response headers one `pick` may add; more are ignored (a plugin bug must not grow
 /// a response without bound).
@@ -52,7 +80,7 @@ impl CurrentRequest {
 
 /// What each plugin instance's store holds.
 pub struct HostState {
-    pub limits: StoreLimits,
+    pub limits: MemoryLimit,
     pub namespace: Arc<Namespace>,
     /// Counters this instance used, looked up once (plugins use a handful of keys).
     pub counters: Vec<(String, Arc<AtomicI64>)>,
@@ -65,7 +93,7 @@ pub struct HostState {
 }
 
 impl HostState {
-    pub fn new(limits: StoreLimits, namespace: Arc<Namespace>, plugin: Arc<str>, upstream: Arc<str>) -> Self {
+    pub fn new(limits: MemoryLimit, namespace: Arc<Namespace>, plugin: Arc<str>, upstream: Arc<str>) -> Self {
         let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
         HostState {
             limits,

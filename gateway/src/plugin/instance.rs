@@ -1,7 +1,8 @@
 //! A plugin bound to one upstream, with one live instance per worker thread.
 
-use super::bindings::{CurrentRequest, HostState, RequestRef, SelectorBindings, WitBackend, WitDecision};
-use super::{Origin, Plugin, PluginError, PluginHost, shared::Namespace};
+use super::bindings::{CurrentRequest, HostState, MemoryLimit, RequestRef, SelectorBindings, WitBackend, WitDecision};
+use super::quarantine::{Quarantine, Transition};
+use super::{Origin, Plugin, PluginError, PluginHost, setup, shared::Namespace};
 use crate::pool::PoolSnapshot;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use std::cell::RefCell;
@@ -9,8 +10,9 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 use wasmtime::component::Resource;
-use wasmtime::{Store, StoreLimitsBuilder, Trap};
+use wasmtime::{Store, Trap};
 
 /// Where a plugin sent a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +43,18 @@ pub enum PickErrorKind {
     BadAnswer,
     /// A new instance could not be created or configured.
     Instantiate,
+    /// The plugin is quarantined (its calls kept failing): not called at all.
+    Quarantined,
+    /// This worker's instance is being built (or brought up to date) off the request
+    /// path; not a failure of the plugin.
+    NotReady,
+}
+
+impl PickErrorKind {
+    /// Whether this is a failure of the plugin (counted, and towards quarantine).
+    pub fn is_failure(self) -> bool {
+        !matches!(self, PickErrorKind::Quarantined | PickErrorKind::NotReady)
+    }
 }
 
 /// A failed call into a plugin.
@@ -91,6 +105,51 @@ thread_local! {
     static SLOTS: RefCell<Slots> = RefCell::new(Slots::default());
     /// Instances of a staged (about to be swapped in) version, built ahead of the swap.
     static STAGED: RefCell<HashMap<u64, Slot>> = RefCell::new(HashMap::new());
+    /// On a worker serving requests: where instances built off the request path arrive.
+    /// None (start-up, tools, benchmarks): instances are built in place.
+    static MAINTAINER: RefCell<Option<Maintainer>> = const { RefCell::new(None) };
+}
+
+/// A worker's channel for instances built on the setup thread.
+struct Maintainer {
+    tx: tokio::sync::mpsc::UnboundedSender<Built>,
+    /// Bindings with a build under way for this worker, and when it was asked for.
+    pending: HashMap<u64, Instant>,
+    /// Woken whenever an instance is put in place on this worker.
+    installed: Arc<tokio::sync::Notify>,
+}
+
+/// An instance built for a worker, or why it could not be.
+struct Built {
+    binding: Arc<Binding>,
+    /// The call that failed and why.
+    result: Result<Slot, (&'static str, String)>,
+}
+
+/// From now on, this worker thread builds plugin instances off its request path: a
+/// missing or outdated instance is asked for from the setup thread, and requests are
+/// served meanwhile by the instance's previous pool view or the fallback. Returns the
+/// task that puts finished instances in place: spawn it on the worker's event loop.
+pub fn maintain_instances() -> impl std::future::Future<Output = ()> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Built>();
+    let installed = Arc::new(tokio::sync::Notify::new());
+    MAINTAINER
+        .with(|m| *m.borrow_mut() = Some(Maintainer { tx, pending: HashMap::new(), installed: installed.clone() }));
+    async move {
+        while let Some(built) = rx.recv().await {
+            MAINTAINER.with(|m| {
+                if let Some(m) = m.borrow_mut().as_mut() {
+                    m.pending.remove(&built.binding.id);
+                }
+            });
+            built.binding.install(built.result);
+            installed.notify_waiters();
+        }
+    }
+}
+
+fn not_ready(why: &str) -> PickError {
+    PickError { kind: PickErrorKind::NotReady, message: why.to_owned() }
 }
 
 fn next_binding_id() -> u64 {
@@ -110,6 +169,12 @@ pub struct Binding {
     namespace: Arc<Namespace>,
     /// Calls that failed (trap, timeout, bad answer) since start.
     failures: AtomicU64,
+    /// Instances that could not be built off the request path since start.
+    setup_failures: AtomicU64,
+    /// Failures in a row put the plugin in quarantine (the fallback serves).
+    quarantine: Quarantine,
+    /// The last pool view pushed to an instance: what a new version is checked against.
+    last_pool: ArcSwapOption<PoolSnapshot>,
 }
 
 impl std::fmt::Debug for Binding {
@@ -128,13 +193,16 @@ impl Binding {
     ) -> Self {
         Binding {
             id: next_binding_id(),
-            host,
             upstream: upstream.into(),
             plugin: ArcSwap::new(plugin),
             next: ArcSwapOption::empty(),
             params,
             namespace,
             failures: AtomicU64::new(0),
+            setup_failures: AtomicU64::new(0),
+            quarantine: Quarantine::new(host.budget().quarantine),
+            last_pool: ArcSwapOption::empty(),
+            host,
         }
     }
 
@@ -153,6 +221,22 @@ impl Binding {
         self.failures.load(Relaxed)
     }
 
+    /// Instances that could not be built off the request path (instantiate,
+    /// `configure` or `pool-changed` failed) since start.
+    pub fn setup_failures(&self) -> u64 {
+        self.setup_failures.load(Relaxed)
+    }
+
+    /// How much longer the plugin is quarantined (none: it serves).
+    pub fn quarantined_for(&self) -> Option<Duration> {
+        self.quarantine.remaining()
+    }
+
+    /// Quarantines since start.
+    pub fn quarantines(&self) -> u64 {
+        self.quarantine.count()
+    }
+
     /// The upstream it serves.
     pub fn upstream(&self) -> &str {
         &self.upstream
@@ -165,13 +249,24 @@ impl Binding {
 
     /// Instantiates `plugin` on a scratch store and runs `configure` with this
     /// binding's params: what must succeed before `plugin` may serve.
+    /// Instantiates `plugin` on a scratch store, runs `configure` with this binding's
+    /// params and `pool-changed` with the upstream's current pool (when it has had one),
+    /// each under the setup deadline: what must succeed before `plugin` may serve.
     pub(super) fn check(&self, plugin: &Plugin) -> Result<(), PluginError> {
-        self.instantiate(plugin).map(drop).map_err(|e| match e {
+        let mut slot = self.instantiate(plugin).map_err(|e| match e {
             SetupError::Configure(message) => {
                 PluginError::Configure { origin: plugin.origin.clone(), params: self.params.clone(), message }
             }
             SetupError::Call(during, reason) => PluginError::Setup { origin: plugin.origin.clone(), during, reason },
-        })
+        })?;
+        if let Some(pool) = self.last_pool.load_full() {
+            self.refresh(&mut slot, &pool).map_err(|e| PluginError::Setup {
+                origin: plugin.origin.clone(),
+                during: "pool-changed",
+                reason: e.message,
+            })?;
+        }
+        Ok(())
     }
 
     /// Makes `plugin` the version that serves. In-flight calls finish on the old one;
@@ -199,87 +294,235 @@ impl Binding {
     /// Creates this thread's instance now (and pushes `pool`), so the first request
     /// does not pay for it.
     pub fn warm(&self, pool: &Arc<PoolSnapshot>) -> Result<(), PickError> {
-        self.with_slot(pool, |_| Ok(()))
+        let plugin = self.plugin.load_full();
+        let mut slot = self.instantiate(&plugin).map_err(instantiate_error)?;
+        self.refresh(&mut slot, pool)?;
+        SLOTS.with(|s| s.borrow_mut().insert(self.id, slot));
+        Ok(())
     }
 
     /// Asks the plugin where `parts` should go. `pool` is the snapshot the caller uses to
     /// map the answer back to a backend. `parts` is lent to the plugin and restored.
+    ///
+    /// On a worker, never builds an instance or runs `pool-changed`: a missing instance
+    /// is [`PickErrorKind::NotReady`] (built off the request path meanwhile), and one
+    /// with an older pool view answers from that view, mapped onto `pool`.
     pub fn pick(
-        &self,
+        self: &Arc<Self>,
         parts: &mut http::request::Parts,
         client_ip: IpAddr,
         pool: &Arc<PoolSnapshot>,
         exclude: &[u32],
     ) -> Result<Decision, PickError> {
+        if !self.quarantine.admits() {
+            return Err(PickError { kind: PickErrorKind::Quarantined, message: "quarantined".into() });
+        }
         let ticks = self.host.budget().pick_ticks;
-        self.with_slot(pool, |slot| {
-            slot.store.set_epoch_deadline(ticks);
-            let taken = std::mem::replace(parts, blank_parts());
-            slot.store.data_mut().request = Some(CurrentRequest::new(taken, client_ip, exclude));
-            let result = slot.bindings.gateway_selector_policy().call_pick(
-                &mut slot.store,
-                Resource::<RequestRef>::new_borrow(0),
-                exclude.len() as u32,
-            );
-            let Some(req) = slot.store.data_mut().request.take() else {
-                unreachable!("only `pick` takes the request out of the store");
-            };
-            *parts = req.parts;
-            let target = match result.map_err(call_error)? {
-                WitDecision::Backend(i) if (i as usize) < pool.members.len() => Target::Backend(i),
-                WitDecision::Backend(i) => {
-                    return Err(PickError {
-                        kind: PickErrorKind::BadAnswer,
-                        message: format!("picked backend {i} but the pool has {}", pool.members.len()),
-                    });
-                }
-                WitDecision::Reject(status) if (100..=599).contains(&status) => {
-                    Target::Reject(status, req.reject_body.unwrap_or_default())
-                }
-                WitDecision::Reject(status) => {
-                    return Err(PickError {
-                        kind: PickErrorKind::BadAnswer,
-                        message: format!("rejected with invalid status {status}"),
-                    });
-                }
-            };
-            Ok(Decision { target, response_headers: req.response_headers })
-        })
-    }
-
-    /// Runs `f` on this thread's instance, creating or refreshing it first; discards the
-    /// instance if anything fails.
-    fn with_slot<R>(
-        &self,
-        pool: &Arc<PoolSnapshot>,
-        f: impl FnOnce(&mut Slot) -> Result<R, PickError>,
-    ) -> Result<R, PickError> {
         SLOTS.with(|slots| {
             let mut slots = slots.borrow_mut();
-            let plugin = self.plugin.load();
-            if slots.get(self.id).is_none_or(|s| s.version != plugin.version) {
-                let staged = STAGED.with(|s| s.borrow_mut().remove(&self.id)).filter(|s| s.version == plugin.version);
-                let slot = match staged {
-                    Some(slot) => Ok(slot),
-                    None => self.instantiate(&plugin),
-                }
-                .map_err(|e| PickError {
-                    kind: PickErrorKind::Instantiate,
-                    message: match e {
-                        SetupError::Configure(m) => format!("configure refused its params: {m}"),
-                        SetupError::Call(during, reason) => format!("{during}: {reason}"),
+            let mut from_stale_view = false;
+            let result = self.ready_slot(&mut slots, pool).and_then(|(slot, stale)| {
+                from_stale_view = stale;
+                // An instance behind the pool answers from the view it has, mapped back.
+                let old_view = match stale {
+                    false => None,
+                    true if !exclude.is_empty() => return Err(not_ready("a retry while the pool view is updated")),
+                    true => slot.store.data().pool.clone(),
+                };
+                let members = old_view.as_ref().map_or(pool.members.len(), |v| v.members.len());
+                slot.store.set_epoch_deadline(ticks);
+                let taken = std::mem::replace(parts, blank_parts());
+                slot.store.data_mut().request = Some(CurrentRequest::new(taken, client_ip, exclude));
+                let result = slot.bindings.gateway_selector_policy().call_pick(
+                    &mut slot.store,
+                    Resource::<RequestRef>::new_borrow(0),
+                    exclude.len() as u32,
+                );
+                let Some(req) = slot.store.data_mut().request.take() else {
+                    unreachable!("only `pick` takes the request out of the store");
+                };
+                *parts = req.parts;
+                let target = match result.map_err(|e| call_error("pick", e))? {
+                    WitDecision::Backend(i) if (i as usize) < members => match &old_view {
+                        None => Target::Backend(i),
+                        Some(old) => {
+                            let entry = &old.members[i as usize].entry;
+                            match pool.members.iter().position(|m| Arc::ptr_eq(&m.entry, entry) && m.status.healthy()) {
+                                Some(j) => Target::Backend(j as u32),
+                                None => return Err(not_ready("picked a backend that has left or gone down since")),
+                            }
+                        }
                     },
-                })?;
-                slots.insert(self.id, slot);
-            }
-            let slot = slots.get_mut(self.id).expect("inserted above");
-            let result = self.refresh(slot, pool).and_then(|()| f(slot));
-            if result.is_err() {
-                slots.remove(self.id);
-                self.failures.fetch_add(1, Relaxed);
+                    WitDecision::Backend(i) => {
+                        return Err(PickError {
+                            kind: PickErrorKind::BadAnswer,
+                            message: format!("picked backend {i} but the pool has {members}"),
+                        });
+                    }
+                    WitDecision::Reject(status) if (100..=599).contains(&status) => {
+                        Target::Reject(status, req.reject_body.unwrap_or_default())
+                    }
+                    WitDecision::Reject(status) => {
+                        return Err(PickError {
+                            kind: PickErrorKind::BadAnswer,
+                            message: format!("rejected with invalid status {status}"),
+                        });
+                    }
+                };
+                Ok(Decision { target, response_headers: req.response_headers })
+            });
+            match &result {
+                // An answer from an older view says nothing about the plugin's
+                // `pool-changed`, which may be what keeps failing.
+                Ok(_) if from_stale_view => {}
+                Ok(_) => self.note(self.quarantine.succeeded()),
+                Err(e) if e.kind.is_failure() => {
+                    slots.remove(self.id);
+                    self.failures.fetch_add(1, Relaxed);
+                    self.note(self.quarantine.failed());
+                }
+                Err(_) => {}
             }
             result
         })
+    }
+
+    /// On a worker whose instance is missing or behind `pool`: asks for a new one (built
+    /// off the request path) and returns a wait for it, bounded so that a pool change
+    /// delays a worker's requests by at most the `pick` deadline, once. None when the
+    /// instance is current (the hot path: one thread-local lookup) or there is nothing
+    /// worth waiting for.
+    pub fn catch_up(self: &Arc<Self>, pool: &Arc<PoolSnapshot>) -> Option<impl Future<Output = ()> + Send + use<>> {
+        let current = SLOTS.with(|s| s.borrow().get(self.id).is_some_and(|s| s.generation == pool.generation));
+        if current || !self.quarantine.admits() || !self.request_build(pool) {
+            return None;
+        }
+        let wait = self.host.budget().pick_deadline;
+        let (installed, asked) = MAINTAINER.with(|m| {
+            let m = m.borrow();
+            let m = m.as_ref().expect("request_build found a maintainer");
+            (m.installed.clone(), m.pending.get(&self.id).copied())
+        });
+        let left = wait.checked_sub(asked?.elapsed())?;
+        Some(async move {
+            let _ = tokio::time::timeout(left, installed.notified()).await;
+        })
+    }
+
+    /// This thread's instance of the serving version, and whether its pool view is
+    /// behind `pool`. On a worker, a missing or outdated instance is asked for from the
+    /// setup thread instead of being built here.
+    fn ready_slot<'s>(
+        self: &Arc<Self>,
+        slots: &'s mut Slots,
+        pool: &Arc<PoolSnapshot>,
+    ) -> Result<(&'s mut Slot, bool), PickError> {
+        let plugin = self.plugin.load();
+        if slots.get(self.id).is_none_or(|s| s.version != plugin.version) {
+            let staged = STAGED.with(|s| s.borrow_mut().remove(&self.id)).filter(|s| s.version == plugin.version);
+            let slot = match staged {
+                Some(slot) => slot,
+                None if self.request_build(pool) => return Err(not_ready("this worker's instance is being built")),
+                None => self.instantiate(&plugin).map_err(instantiate_error)?,
+            };
+            slots.insert(self.id, slot);
+        }
+        let slot = slots.get_mut(self.id).expect("inserted above");
+        if slot.generation == pool.generation {
+            return Ok((slot, false));
+        }
+        if self.request_build(pool) {
+            if slot.generation == 0 {
+                return Err(not_ready("this worker's instance has no pool view yet"));
+            }
+            return Ok((slot, true));
+        }
+        self.refresh(slot, pool)?;
+        Ok((slot, false))
+    }
+
+    /// On a worker: asks the setup thread for an instance of the serving version with
+    /// `pool` pushed (once per binding until it arrives). False when this thread has no
+    /// maintainer (start-up, tools): the caller builds in place.
+    fn request_build(self: &Arc<Self>, pool: &Arc<PoolSnapshot>) -> bool {
+        MAINTAINER.with(|m| {
+            let mut m = m.borrow_mut();
+            let Some(m) = m.as_mut() else { return false };
+            if let std::collections::hash_map::Entry::Vacant(slot) = m.pending.entry(self.id) {
+                slot.insert(Instant::now());
+                let (tx, binding, pool) = (m.tx.clone(), self.clone(), pool.clone());
+                setup::run(move || {
+                    let plugin = binding.plugin.load_full();
+                    let result = binding
+                        .instantiate(&plugin)
+                        .map_err(|e| match e {
+                            SetupError::Configure(m) => ("configure", format!("refused its params: {m}")),
+                            SetupError::Call(during, reason) => (during, reason),
+                        })
+                        .and_then(|mut slot| {
+                            binding.refresh(&mut slot, &pool).map(|()| slot).map_err(|e| ("pool-changed", e.message))
+                        });
+                    let _ = tx.send(Built { binding, result });
+                });
+            }
+            true
+        })
+    }
+
+    /// Puts an instance built on the setup thread in place on this worker (unless a
+    /// newer version or view got there first), or counts why it could not be built.
+    fn install(&self, result: Result<Slot, (&'static str, String)>) {
+        match result {
+            Ok(slot) if slot.version == self.plugin.load().version => SLOTS.with(|slots| {
+                let mut slots = slots.borrow_mut();
+                if slots.get(self.id).is_none_or(|s| s.version != slot.version || s.generation < slot.generation) {
+                    slots.insert(self.id, slot);
+                }
+            }),
+            Ok(_) => {}
+            Err((during, reason)) => {
+                self.failures.fetch_add(1, Relaxed);
+                self.setup_failures.fetch_add(1, Relaxed);
+                let plugin = self.plugin.load();
+                tracing::warn!(
+                    upstream = %self.upstream,
+                    plugin = %plugin.name,
+                    origin = %plugin.origin,
+                    call = during,
+                    "building a plugin instance failed: {reason}; the fallback round robin serves this worker meanwhile"
+                );
+                self.note(self.quarantine.failed());
+            }
+        }
+    }
+
+    /// Logs a quarantine transition (once: only the call that made it reports it).
+    fn note(&self, transition: Option<Transition>) {
+        let Some(transition) = transition else { return };
+        let plugin = self.plugin.load();
+        match transition {
+            Transition::Quarantined { failures, length } => tracing::warn!(
+                upstream = %self.upstream,
+                plugin = %plugin.name,
+                origin = %plugin.origin,
+                failures,
+                backoff = ?length,
+                "plugin quarantined: {failures} calls in a row failed; the fallback round robin serves this upstream for {length:?}, then the plugin is tried again"
+            ),
+            Transition::Extended { length } => tracing::warn!(
+                upstream = %self.upstream,
+                plugin = %plugin.name,
+                origin = %plugin.origin,
+                backoff = ?length,
+                "plugin still failing after its quarantine: quarantined again for {length:?}"
+            ),
+            Transition::Recovered => tracing::info!(
+                upstream = %self.upstream,
+                plugin = %plugin.name,
+                origin = %plugin.origin,
+                "plugin recovered from quarantine: it serves this upstream again"
+            ),
+        }
     }
 
     /// Pushes `pool` to the instance if it has an older view.
@@ -303,15 +546,18 @@ impl Binding {
         slot.bindings
             .gateway_selector_policy()
             .call_pool_changed(&mut slot.store, pool.generation, &backends)
-            .map_err(call_error)?;
+            .map_err(|e| call_error("pool-changed", e))?;
         slot.store.data_mut().pool = Some(pool.clone());
         slot.generation = pool.generation;
+        if self.last_pool.load().as_ref().is_none_or(|p| p.generation < pool.generation) {
+            self.last_pool.store(Some(pool.clone()));
+        }
         Ok(())
     }
 
     fn instantiate(&self, plugin: &Plugin) -> Result<Slot, SetupError> {
         let budget = self.host.budget();
-        let limits = StoreLimitsBuilder::new().memory_size(budget.memory_bytes).build();
+        let limits = MemoryLimit { bytes: budget.memory_bytes };
         let state = HostState::new(limits, self.namespace.clone(), plugin.name.as_str().into(), self.upstream.clone());
         let mut store = Store::new(self.host.engine(), state);
         store.limiter(|s| &mut s.limits);
@@ -341,12 +587,23 @@ fn blank_parts() -> http::request::Parts {
     http::Request::new(()).into_parts().0
 }
 
-fn call_error(e: wasmtime::Error) -> PickError {
+/// A failed call into the plugin, the message naming the call (`pick`, `pool-changed`).
+fn call_error(call: &str, e: wasmtime::Error) -> PickError {
     let kind = match e.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => PickErrorKind::Timeout,
         _ => PickErrorKind::Trap,
     };
-    PickError { kind, message: describe_error(&e) }
+    PickError { kind, message: format!("{call}: {}", describe_error(&e)) }
+}
+
+fn instantiate_error(e: SetupError) -> PickError {
+    PickError {
+        kind: PickErrorKind::Instantiate,
+        message: match e {
+            SetupError::Configure(m) => format!("configure refused its params: {m}"),
+            SetupError::Call(during, reason) => format!("{during}: {reason}"),
+        },
+    }
 }
 
 fn describe_error(e: &wasmtime::Error) -> String {

@@ -10,6 +10,8 @@ mod bindings;
 mod builtin;
 mod cache;
 mod instance;
+mod quarantine;
+mod setup;
 mod shared;
 mod warm;
 mod watch;
@@ -25,7 +27,8 @@ use std::time::{Duration, Instant, SystemTime};
 use wasmtime::component::{Component, Linker, types::ComponentItem};
 use wasmtime::{Engine, OptLevel};
 
-pub use instance::{Binding, Decision, PickError, PickErrorKind, Target};
+pub use instance::{Binding, Decision, PickError, PickErrorKind, Target, maintain_instances};
+pub use quarantine::Policy as QuarantinePolicy;
 pub use shared::Namespace;
 pub use warm::Warmer;
 pub use watch::watch;
@@ -160,6 +163,10 @@ pub struct Budget {
     pub setup_ticks: u64,
     /// Bytes of linear memory per instance.
     pub memory_bytes: usize,
+    /// When failing calls put a plugin in quarantine.
+    pub quarantine: quarantine::Policy,
+    /// The `pick` deadline as a duration.
+    pub pick_deadline: Duration,
 }
 
 impl Budget {
@@ -170,6 +177,12 @@ impl Budget {
             pick_ticks: ticks(cfg.deadline),
             setup_ticks: ticks(cfg.setup_deadline),
             memory_bytes: cfg.memory_limit_mib as usize * 1024 * 1024,
+            pick_deadline: cfg.deadline,
+            quarantine: quarantine::Policy {
+                after: cfg.quarantine.after,
+                backoff: cfg.quarantine.backoff,
+                max_backoff: cfg.quarantine.max_backoff,
+            },
         }
     }
 }

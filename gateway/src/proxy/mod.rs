@@ -190,6 +190,11 @@ impl Proxy {
         let mut retrying: Option<RetryReason> = None;
         while outcome.attempts < upstream.retries.attempts {
             let pool = upstream.pool.snapshot();
+            // After a pool change this worker's plugin instance is brought up to date off
+            // the request path: the first request waits for it, briefly.
+            if let Some(catch_up) = upstream.selector.binding().catch_up(&pool) {
+                catch_up.await;
+            }
             let (index, extra_headers) = match upstream.selector.choose(&mut parts, peer.ip(), &pool, &tried) {
                 Choice::Backend { index, response_headers, fallback } => {
                     outcome.fallback |= fallback;

@@ -132,6 +132,11 @@ impl Selector {
                     Choice::Reject { status, text, response_headers: self.allowed(d.response_headers) }
                 }
             },
+            // Quarantined, or this worker's instance is being built: not a new failure.
+            Err(e) if !e.kind.is_failure() => {
+                self.metrics.fallbacks.inc();
+                self.fallback(pool, exclude)
+            }
             Err(e) => {
                 self.failed(e.kind, &e.message);
                 self.fallback(pool, exclude)
@@ -157,7 +162,7 @@ impl Selector {
             PickErrorKind::Trap => 0,
             PickErrorKind::Timeout => 1,
             PickErrorKind::BadAnswer => 2,
-            PickErrorKind::Instantiate => 3,
+            PickErrorKind::Instantiate | PickErrorKind::Quarantined | PickErrorKind::NotReady => 3,
         };
         self.metrics.failures[kind_index].inc();
         // At most one line a second per upstream: a broken plugin must not flood the log.

@@ -1,19 +1,61 @@
-//! Test plugin: loops forever in `pick`; only the gateway's deadline stops it.
+//! Test plugin that loops forever; only the gateway's deadline stops it. Where, by params:
+//! - `{}` (default): in `pick`;
+//! - `{"in": "pool-changed"}`: in every `pool-changed` (it then picks in turn);
+//! - `{"in": "pool-changed-when-degraded"}`: in `pool-changed` while any backend is down.
 use gateway_sdk::{Backend, Decision, Request, Strategy, host};
 
 #[derive(Default)]
-pub struct Spin;
+pub struct Spin {
+    mode: Mode,
+    healthy: Vec<u32>,
+    turn: usize,
+}
+
+#[derive(Default, PartialEq)]
+enum Mode {
+    #[default]
+    Pick,
+    PoolChanged,
+    WhenDegraded,
+}
+
+fn spin() {
+    let mut n: u64 = 0;
+    loop {
+        n = std::hint::black_box(n.wrapping_add(host::random_u64() | 1));
+        if n == 0 {
+            return;
+        }
+    }
+}
 
 impl Strategy for Spin {
-    fn pool_changed(&mut self, _generation: u64, _backends: Vec<Backend>) {}
-    fn pick(&mut self, _req: &dyn Request, _exclude: &[u32]) -> Decision {
-        let mut n: u64 = 0;
-        loop {
-            n = std::hint::black_box(n.wrapping_add(host::random_u64() | 1));
-            if n == 0 {
-                return Decision::backend(0);
-            }
+    fn configure(&mut self, params: &str) -> Result<(), String> {
+        self.mode = if params.contains("\"pool-changed-when-degraded\"") {
+            Mode::WhenDegraded
+        } else if params.contains("\"pool-changed\"") {
+            Mode::PoolChanged
+        } else {
+            Mode::Pick
+        };
+        Ok(())
+    }
+
+    fn pool_changed(&mut self, _generation: u64, backends: Vec<Backend>) {
+        let degraded = backends.iter().any(|b| !b.healthy);
+        if self.mode == Mode::PoolChanged || (self.mode == Mode::WhenDegraded && degraded) {
+            spin();
         }
+        self.healthy = backends.iter().enumerate().filter(|(_, b)| b.healthy).map(|(i, _)| i as u32).collect();
+    }
+
+    fn pick(&mut self, _req: &dyn Request, _exclude: &[u32]) -> Decision {
+        if self.mode == Mode::Pick || self.healthy.is_empty() {
+            spin();
+            return Decision::backend(0);
+        }
+        self.turn = self.turn.wrapping_add(1);
+        Decision::backend(self.healthy[self.turn % self.healthy.len()])
     }
 }
 
