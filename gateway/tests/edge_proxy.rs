@@ -224,6 +224,11 @@ upstreams:
     assert!(got > LIMIT / 2, "the body was streamed up to the limit: {got}");
     assert!(got <= LIMIT + chunk + 4096, "the backend received {got} bytes, limit {LIMIT}");
     let grew = gw.peak_rss_kib().saturating_sub(rss_before);
+    eprintln!(
+        "100 MB chunked upload, limit {LIMIT}: the backend got {got} bytes, the client {} after {:?}, peak RSS +{grew} KiB",
+        result.as_ref().map_or_else(|e| format!("an error ({e})"), |r| format!("status {}", r.status)),
+        started.elapsed()
+    );
     assert!(grew < 48 * 1024, "the gateway grew by {grew} KiB while refusing a 100 MB body");
 
     // Both answered by the gateway and counted as body_too_large; the gateway still serves.
