@@ -32,6 +32,7 @@ fn record(c: &mut Criterion) {
         bytes_out: 5120,
         duration: Duration::from_micros(1_234),
         reason: None,
+        error: None,
     };
     let mut group = c.benchmark_group("access_log");
     group.throughput(Throughput::Elements(1));

@@ -78,6 +78,9 @@ pub struct Entry<'a> {
     pub duration: Duration,
     /// Why the gateway answered itself (`no_route`, `no_healthy_backend`, ...).
     pub reason: Option<&'a str>,
+    /// The failure behind a gateway-made 502/504 (backend, address, OS error), which the
+    /// client's body leaves out. Written only when there is one.
+    pub error: Option<&'a str>,
 }
 
 /// A route's `route`, `upstream` and `strategy` fields, rendered (and escaped) for both
@@ -735,6 +738,10 @@ fn write_json(out: &mut Vec<u8>, clock: &mut Clock, e: &Entry<'_>) {
     write_ms(out, e.duration);
     out.extend_from_slice(b",\"reason\":");
     json_opt_str(out, e.reason);
+    if let Some(error) = e.error {
+        out.extend_from_slice(b",\"error\":");
+        json_str(out, error);
+    }
     out.extend_from_slice(b"}\n");
 }
 
@@ -787,6 +794,9 @@ fn write_text(out: &mut Vec<u8>, clock: &mut Clock, e: &Entry<'_>) {
     out.extend_from_slice(b" trace_id=");
     out.extend_from_slice(e.trace_id.unwrap_or(b"-"));
     text_field(out, b" reason=", e.reason.unwrap_or("-"));
+    if let Some(error) = e.error {
+        text_field(out, b" error=", error);
+    }
     out.push(b'\n');
 }
 
@@ -814,6 +824,7 @@ mod tests {
             bytes_out: 512,
             duration: Duration::from_micros(1_234),
             reason: None,
+            error: None,
         }
     }
 

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod plugin;
 pub mod pool;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod reload;
 pub mod router;
 pub mod scaffold;

@@ -49,12 +49,13 @@ pub fn run(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let threads = gw.config.worker_threads();
-    let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..threads).map(|_| Vec::new()).collect();
+    // Each socket with whether its connections start with a PROXY protocol header.
+    let mut per_worker: Vec<Vec<(std::net::TcpListener, bool)>> = (0..threads).map(|_| Vec::new()).collect();
     for l in &gw.config.listeners {
         let sockets = bind(l.address, threads)?;
-        tracing::info!(address = %sockets[0].local_addr()?, threads, "listening");
+        tracing::info!(address = %sockets[0].local_addr()?, threads, proxy_protocol = l.proxy_protocol, "listening");
         for (i, s) in sockets.into_iter().enumerate() {
-            per_worker[i].push(s);
+            per_worker[i].push((s, l.proxy_protocol));
         }
     }
     let admin_listener = match gw.config.admin.address {
@@ -161,7 +162,7 @@ async fn wait_for_signal(stop: &CancellationToken) {
     stop.cancel();
 }
 
-fn worker(gw: Arc<Gateway>, listeners: Vec<std::net::TcpListener>, stop: CancellationToken, grace: Duration) {
+fn worker(gw: Arc<Gateway>, listeners: Vec<(std::net::TcpListener, bool)>, stop: CancellationToken, grace: Duration) {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -216,7 +217,7 @@ fn worker(gw: Arc<Gateway>, listeners: Vec<std::net::TcpListener>, stop: Cancell
         // instead of as a two-part `writev`.
         builder.http1().writev(false);
         let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel();
-        for listener in listeners {
+        for (listener, proxy_protocol) in listeners {
             let listener = match tokio::net::TcpListener::from_std(listener) {
                 Ok(l) => l,
                 Err(e) => {
@@ -232,6 +233,23 @@ fn worker(gw: Arc<Gateway>, listeners: Vec<std::net::TcpListener>, stop: Cancell
                         a = listener.accept() => a,
                     };
                     match accepted {
+                        // Behind an L4 balancer: the client's address comes first, in a
+                        // PROXY header read off the accept loop, before HTTP starts.
+                        Ok((mut stream, peer)) if proxy_protocol => {
+                            let tx = tx.clone();
+                            tokio::spawn(async move {
+                                let timeout = crate::proxy_protocol::HEADER_TIMEOUT;
+                                match crate::proxy_protocol::read_header(&mut stream, timeout).await {
+                                    Ok(client) => {
+                                        let _ = tx.send((stream, client.unwrap_or(peer)));
+                                    }
+                                    Err(e) => {
+                                        metrics::global().local().proxy_protocol_refused.inc();
+                                        tracing::debug!(peer = %peer, "connection closed: {e}");
+                                    }
+                                }
+                            });
+                        }
                         Ok(conn) => {
                             if tx.send(conn).is_err() {
                                 return;

@@ -173,13 +173,15 @@ fn a_backend_that_does_not_answer_in_time_is_retried_for_get_and_alone_gets_504(
     }
     assert!(!stuck.hits().is_empty(), "round robin never sent a GET to the stuck backend");
 
-    // With the stuck backend alone, the client gets a 504 that says what happened.
+    // With the stuck backend alone, the client gets a 504 that says what kind of failure it
+    // was, without the backend's address (the access log has that).
     let alone = TempDir::new();
     let gw = start(&alone, &config(&[&stuck], extra));
     let started = Instant::now();
     let (status, body) = get(gw.addr, "/alone");
     let waited = started.elapsed();
     assert_eq!(status, 504, "{body}");
-    assert!(body.contains("no response headers within 300ms"), "{body}");
+    assert!(body.starts_with("gateway timeout"), "{body}");
+    assert!(!body.contains(&stuck.addr().port().to_string()), "{body}");
     assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(2), "answered after {waited:?}");
 }

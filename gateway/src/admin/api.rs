@@ -110,6 +110,12 @@ pub fn state(member: &Member) -> &'static str {
     }
 }
 
+/// The backend's last failed request (when, why), which a client's 502/504 body leaves out.
+fn last_failure(e: &crate::pool::BackendEntry) -> Value {
+    let last = e.metrics.last_failure.lock().unwrap_or_else(|e| e.into_inner());
+    last.as_ref().map_or(Value::Null, |(at, error)| json!({ "at_ms": at, "error": error }))
+}
+
 fn backend_stats(up: &Upstream, member: &Member) -> Value {
     let e = &member.entry;
     let m = &e.metrics;
@@ -138,6 +144,7 @@ fn backend_stats(up: &Upstream, member: &Member) -> Value {
         "in_flight": e.stats.active(),
         "requests": requests,
         "failures": e.stats.failures(),
+        "last_failure": last_failure(e),
         "ewma_latency_us": e.stats.ewma_latency_us(),
         "bytes_in": m.shards.sum(|s| s.bytes_in.get()),
         "bytes_out": m.shards.sum(|s| s.bytes_out.get()),
@@ -190,6 +197,7 @@ pub fn upstreams(gw: &Gateway) -> Value {
                     "active": m.entry.stats.active(),
                     "requests": m.entry.stats.requests(),
                     "failures": m.entry.stats.failures(),
+                    "last_failure": last_failure(&m.entry),
                     "ewma_latency_us": m.entry.stats.ewma_latency_us(),
                 })).collect::<Vec<_>>(),
             })

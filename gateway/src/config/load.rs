@@ -120,6 +120,13 @@ pub fn validate(config: &Config) -> Result<(), Problem> {
                 format!("`{}` must start with `/`", route.path_prefix),
             ));
         }
+        if route.timeout.is_some_and(|t| t.is_zero()) {
+            return Err((
+                format!("routes[{i}].timeout"),
+                Some("timeout".into()),
+                "must be longer than 0s (e.g. 60s), or left out for none".into(),
+            ));
+        }
     }
     zero_timeouts(&config.timeouts, "timeouts")?;
     let p = &config.plugins;
@@ -208,6 +215,13 @@ fn zero_timeouts(t: &super::Timeouts, at: &str) -> Result<(), Problem> {
         if d.is_zero() {
             return Err((format!("{at}.{f}"), Some(format!("{f}:")), "must be longer than 0s (e.g. 2s)".into()));
         }
+    }
+    if t.request.is_some_and(|d| d.is_zero()) {
+        return Err((
+            format!("{at}.request"),
+            Some("request:".into()),
+            "must be longer than 0s, or left out for none".into(),
+        ));
     }
     Ok(())
 }
@@ -311,6 +325,27 @@ mod tests {
         let e = err("upstreams:\n  web:\n    backends: []\n");
         assert!(e.contains("upstreams.web.backends"), "{e}");
         assert!(e.contains("at least one entry"), "{e}");
+    }
+
+    #[test]
+    fn edge_limits_parse_with_their_defaults_and_zero_timeouts_are_refused() {
+        let c = from_yaml(
+            Path::new("gw.yaml"),
+            "listeners: [ { address: 127.0.0.1:0, proxy_protocol: true } ]\nroutes:\n  - { path_prefix: /upload, upstream: web, max_body_bytes: 10485760, timeout: 60s }\ntimeouts: { request: 90s }\nupstreams:\n  web:\n    backends:\n      - address: 127.0.0.1:9001\n",
+        )
+        .unwrap();
+        assert!(c.listeners[0].proxy_protocol);
+        assert_eq!(c.routes[0].max_body_bytes, Some(10_485_760));
+        assert_eq!(c.routes[0].timeout, Some(std::time::Duration::from_secs(60)));
+        assert_eq!(c.timeouts.request, Some(std::time::Duration::from_secs(90)));
+        let d = from_yaml(Path::new("gw.yaml"), WEB).unwrap();
+        assert!(!d.listeners[0].proxy_protocol);
+        assert_eq!((d.effective_routes()[0].max_body_bytes, d.effective_routes()[0].timeout), (None, None));
+        assert_eq!(d.timeouts.request, None);
+        let e = err(&format!("routes:\n  - {{ upstream: web, timeout: 0s }}\n{WEB}"));
+        assert!(e.contains("routes[0].timeout"), "{e}");
+        let e = err(&format!("timeouts: {{ request: 0s }}\n{WEB}"));
+        assert!(e.contains("timeouts.request"), "{e}");
     }
 
     #[test]

@@ -101,6 +101,19 @@ pub struct Metrics {
 pub struct Listener {
     /// `ip:port`, e.g. `0.0.0.0:8080`.
     pub address: SocketAddr,
+    /// Every connection starts with a PROXY protocol header (v1 text or v2 binary, as an
+    /// L4 balancer such as HAProxy or an AWS NLB sends it); the client address it carries
+    /// is the one `X-Forwarded-For`, plugins and the access log see. A connection without
+    /// a valid header is closed. Default false.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+}
+
+impl Listener {
+    /// A plain listener on `address` with every other setting at its default.
+    pub fn at(address: SocketAddr) -> Self {
+        Listener { address, proxy_protocol: false }
+    }
 }
 
 /// A routing rule: requests whose host and path match go to `upstream`.
@@ -118,6 +131,16 @@ pub struct Route {
     pub path_prefix: String,
     /// The upstream that serves matching requests.
     pub upstream: String,
+    /// Largest request body, in bytes, counted as it streams: a larger declared
+    /// `Content-Length` gets `413` at once; a chunked body is cut when it passes the limit.
+    /// Default none (no limit).
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
+    /// Total time from the request's arrival to the backend's response headers, all
+    /// attempts and retries included (`504` when it fires); wins over the upstream's
+    /// `timeouts.request`. Default none.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
 }
 
 /// A group of backends and how to choose among them.
@@ -242,6 +265,10 @@ pub struct Timeouts {
     /// From sending the request to the backend's response headers, default 30s.
     #[serde(default = "default_response_header", with = "humantime_serde")]
     pub response_header: Duration,
+    /// Total time from the request's arrival to the response headers, all attempts and
+    /// retries included (`504` when it fires); a route's `timeout` wins. Default none.
+    #[serde(default, with = "humantime_serde")]
+    pub request: Option<Duration>,
 }
 
 /// Plugin settings.
@@ -340,7 +367,7 @@ fn one() -> u32 {
     1
 }
 fn default_listeners() -> Vec<Listener> {
-    vec![Listener { address: SocketAddr::from(([127, 0, 0, 1], 8080)) }]
+    vec![Listener::at(SocketAddr::from(([127, 0, 0, 1], 8080)))]
 }
 fn default_prefix() -> String {
     "/".into()
@@ -437,7 +464,7 @@ impl Config {
         let mut upstreams = BTreeMap::new();
         upstreams.insert("default".to_owned(), upstream);
         Config {
-            listeners: vec![Listener { address: listen }],
+            listeners: vec![Listener::at(listen)],
             routes: Vec::new(),
             upstreams,
             plugins: Plugins::default(),
@@ -472,6 +499,8 @@ impl Config {
                 host: None,
                 path_prefix: "/".into(),
                 upstream: name.clone(),
+                max_body_bytes: None,
+                timeout: None,
             })
             .into_iter()
             .collect()

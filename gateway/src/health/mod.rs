@@ -144,64 +144,248 @@ struct History {
     last_end: Option<Instant>,
 }
 
-async fn passive(lookup: Lookup, mut receiver: Receiver, stop: CancellationToken) {
-    let mut history: HashMap<(String, String), History> = HashMap::new();
-    loop {
-        let ev = tokio::select! {
-            _ = stop.cancelled() => return,
-            ev = receiver.rx.recv() => match ev { Some(ev) => ev, None => return },
+/// What passive ejection decided about one report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Ejected for this long (the `n`th ejection in a row).
+    Ejected { duration: std::time::Duration, count: u32 },
+    /// Not ejected: that would leave fewer than half of the backends. Remembered, and
+    /// tried again when another ejection ends (or at the next report).
+    Refused {
+        /// Refused before already (log it once).
+        again: bool,
+    },
+    /// Already ejected, or no longer in the pool, or its failures were reset meanwhile.
+    Nothing,
+}
+
+/// The passive-ejection state of every upstream: ejection history (for the growing
+/// ejection time) and backends refused by the half rule, waiting for room.
+#[derive(Default)]
+struct Ejections {
+    history: HashMap<(String, String), History>,
+    /// (upstream, backend) refused by the "never more than half" rule.
+    refused: std::collections::BTreeSet<(String, String)>,
+}
+
+impl Ejections {
+    /// Ejects `backend` of `upstream` if the half rule allows it.
+    fn consider(
+        &mut self,
+        upstream: &str,
+        pool: &crate::pool::Pool,
+        p: &crate::config::Passive,
+        backend: &str,
+    ) -> Verdict {
+        let key = (upstream.to_owned(), backend.to_owned());
+        let snap = pool.snapshot();
+        let Some(member) = snap.members.iter().find(|m| m.entry.id == backend) else {
+            self.refused.remove(&key);
+            return Verdict::Nothing;
         };
-        let Some(up) = lookup(&ev.upstream) else {
-            continue;
-        };
-        let p = &up.passive;
-        let snap = up.pool.snapshot();
-        let Some(entry) = snap.members.iter().find(|m| m.entry.id == ev.backend).map(|m| m.entry.clone()) else {
-            continue;
-        };
-        let addr = entry.addr;
+        if member.status.ejected_until.is_some() {
+            self.refused.remove(&key);
+            return Verdict::Nothing;
+        }
         // Never eject so many that less than half of the backends are left: passive
         // signals are noisy; active checks take truly dead backends out.
         let ejected = snap.members.iter().filter(|m| m.status.ejected_until.is_some()).count();
         if (ejected + 1) * 2 > snap.members.len() {
-            tracing::warn!(upstream = %up.name, backend = %ev.backend, address = %addr, "not ejecting after repeated failures ({}): that would leave fewer than half of the backends", ev.reason);
-            continue;
+            let again = !self.refused.insert(key);
+            return Verdict::Refused { again };
         }
-        let h = history.entry((ev.upstream.clone(), ev.backend.clone())).or_default();
+        self.refused.remove(&key);
+        let h = self.history.entry(key).or_default();
         if h.last_end.is_some_and(|t| t.elapsed() > p.max_ejection) {
             h.count = 0;
         }
         h.count += 1;
         let duration = (p.base_ejection * h.count).min(p.max_ejection);
-        h.last_end = Some(Instant::now() + duration);
         let until = Instant::now() + duration;
-        if up.pool.update_status(&ev.backend, |s| s.ejected_until = Some(until)).is_none() {
-            continue;
+        h.last_end = Some(until);
+        if pool.update_status(backend, |s| s.ejected_until = Some(until)).is_none() {
+            return Verdict::Nothing;
         }
-        entry.metrics.health.ejections.inc();
-        tracing::warn!(
-            upstream = %up.name, backend = %ev.backend, address = %addr, ejection = h.count, seconds = duration.as_secs_f64(),
-            "backend ejected after {} consecutive failures (last: {})", p.consecutive_failures, ev.reason
-        );
-        let (name, id, stop, lookup) = (up.name.clone(), ev.backend, stop.clone(), lookup.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = tokio::time::sleep(duration) => {
-                    // The upstream serving now: a config reload may have replaced it
-                    // (and carried the ejection over).
-                    let Some(up) = lookup(&name) else { return };
-                    let Some(status) = up.pool.update_status(&id, |s: &mut Status| s.ejected_until = None) else { return };
-                    if let Some(m) = up.pool.load().members.iter().find(|m| m.entry.id == id) {
-                        m.entry.stats.reset_failures();
+        Verdict::Ejected { duration, count: h.count }
+    }
+
+    /// An ejection in `upstream` ended: the refused backends that are still failing
+    /// (their streak not reset by a success) get their turn. Returns the ones to try.
+    fn waiting(&mut self, upstream: &str, pool: &crate::pool::Pool, threshold: u32) -> Vec<String> {
+        let snap = pool.snapshot();
+        let mut out = Vec::new();
+        self.refused.retain(|(up, id)| {
+            if up != upstream {
+                return true;
+            }
+            let failing = snap
+                .members
+                .iter()
+                .find(|m| &m.entry.id == id)
+                .is_some_and(|m| threshold > 0 && m.entry.stats.consecutive_failures() >= threshold);
+            if failing {
+                out.push(id.clone());
+            }
+            failing
+        });
+        out
+    }
+}
+
+async fn passive(lookup: Lookup, mut receiver: Receiver, stop: CancellationToken) {
+    let mut state = Ejections::default();
+    // Ejections that ended, by upstream: refused backends get another look then.
+    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<String>();
+    loop {
+        let events: Vec<Eject> = tokio::select! {
+            _ = stop.cancelled() => return,
+            ev = receiver.rx.recv() => match ev { Some(ev) => vec![ev], None => return },
+            Some(name) = ended_rx.recv() => {
+                let Some(up) = lookup(&name) else { continue };
+                state
+                    .waiting(&name, &up.pool, up.passive.consecutive_failures)
+                    .into_iter()
+                    .map(|backend| Eject {
+                        upstream: name.clone(),
+                        backend,
+                        reason: "still failing after being refused by the half rule".into(),
+                    })
+                    .collect()
+            }
+        };
+        for ev in events {
+            let Some(up) = lookup(&ev.upstream) else {
+                continue;
+            };
+            let p = &up.passive;
+            let Some(entry) = up.pool.load().members.iter().find(|m| m.entry.id == ev.backend).map(|m| m.entry.clone())
+            else {
+                continue;
+            };
+            let addr = entry.addr;
+            let duration = match state.consider(&up.name, &up.pool, p, &ev.backend) {
+                Verdict::Nothing => continue,
+                Verdict::Refused { again } => {
+                    if !again {
+                        tracing::warn!(upstream = %up.name, backend = %ev.backend, address = %addr, "not ejecting after repeated failures ({}): that would leave fewer than half of the backends; it will be ejected when another ejection ends if it still fails", ev.reason);
                     }
-                    if status.healthy() {
-                        tracing::info!(upstream = %up.name, backend = %id, address = %addr, "ejection over, backend takes traffic again");
-                    } else {
-                        tracing::info!(upstream = %up.name, backend = %id, address = %addr, "ejection over; the backend stays out of rotation (down or drained)");
+                    continue;
+                }
+                Verdict::Ejected { duration, count } => {
+                    entry.metrics.health.ejections.inc();
+                    tracing::warn!(
+                        upstream = %up.name, backend = %ev.backend, address = %addr, ejection = count, seconds = duration.as_secs_f64(),
+                        "backend ejected after {} consecutive failures (last: {})", p.consecutive_failures, ev.reason
+                    );
+                    duration
+                }
+            };
+            let (name, id, stop, lookup, ended) =
+                (up.name.clone(), ev.backend, stop.clone(), lookup.clone(), ended_tx.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(duration) => {
+                        // The upstream serving now: a config reload may have replaced it
+                        // (and carried the ejection over).
+                        let Some(up) = lookup(&name) else { return };
+                        let Some(status) = up.pool.update_status(&id, |s: &mut Status| s.ejected_until = None) else { return };
+                        if let Some(m) = up.pool.load().members.iter().find(|m| m.entry.id == id) {
+                            m.entry.stats.reset_failures();
+                        }
+                        if status.healthy() {
+                            tracing::info!(upstream = %up.name, backend = %id, address = %addr, "ejection over, backend takes traffic again");
+                        } else {
+                            tracing::info!(upstream = %up.name, backend = %id, address = %addr, "ejection over; the backend stays out of rotation (down or drained)");
+                        }
+                        let _ = ended.send(name);
                     }
                 }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::{BackendEntry, Pool};
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    fn pool(n: u16) -> Pool {
+        Pool::new(
+            (0..n)
+                .map(|i| {
+                    let addr = SocketAddr::from(([127, 0, 0, 1], 9100 + i));
+                    Arc::new(BackendEntry::new(format!("b{i}"), addr, 1, String::new(), vec![]))
+                })
+                .collect(),
+        )
+    }
+
+    fn fail(pool: &Pool, id: &str, times: u32) {
+        let snap = pool.snapshot();
+        let m = snap.members.iter().find(|m| m.entry.id == id).unwrap();
+        for _ in 0..times {
+            m.entry.stats.failure();
+        }
+    }
+
+    #[test]
+    fn a_backend_refused_by_the_half_rule_is_ejected_when_another_ejection_ends() {
+        let p = crate::config::Passive { consecutive_failures: 3, ..Default::default() };
+        let pool = pool(2);
+        let mut e = Ejections::default();
+        fail(&pool, "b0", 3);
+        fail(&pool, "b1", 3);
+        assert!(matches!(e.consider("web", &pool, &p, "b0"), Verdict::Ejected { count: 1, .. }));
+        assert_eq!(e.consider("web", &pool, &p, "b1"), Verdict::Refused { again: false });
+        assert_eq!(e.consider("web", &pool, &p, "b1"), Verdict::Refused { again: true }, "refused again, logged once");
+        assert_eq!(e.consider("web", &pool, &p, "b0"), Verdict::Nothing, "already ejected: not extended");
+        // Nothing is waiting in another upstream.
+        assert!(e.waiting("api", &pool, 3).is_empty());
+        // b0's ejection ends: b1, still failing, gets its turn.
+        pool.update_status("b0", |s| s.ejected_until = None);
+        assert_eq!(e.waiting("web", &pool, 3), ["b1"]);
+        assert!(matches!(e.consider("web", &pool, &p, "b1"), Verdict::Ejected { .. }));
+        assert!(e.refused.is_empty());
+        assert!(pool.snapshot().members[1].status.ejected_until.is_some());
+    }
+
+    #[test]
+    fn a_refused_backend_that_recovered_is_forgotten() {
+        let p = crate::config::Passive { consecutive_failures: 2, ..Default::default() };
+        let pool = pool(2);
+        let mut e = Ejections::default();
+        fail(&pool, "b0", 2);
+        fail(&pool, "b1", 2);
+        e.consider("web", &pool, &p, "b0");
+        assert_eq!(e.consider("web", &pool, &p, "b1"), Verdict::Refused { again: false });
+        // b1 answers well meanwhile: its streak is reset.
+        pool.snapshot().members[1].entry.stats.success(Duration::from_millis(1));
+        pool.update_status("b0", |s| s.ejected_until = None);
+        assert!(e.waiting("web", &pool, 2).is_empty());
+        assert!(e.refused.is_empty());
+    }
+
+    #[test]
+    fn ejection_time_grows_with_ejections_in_a_row() {
+        let p = crate::config::Passive {
+            consecutive_failures: 1,
+            base_ejection: Duration::from_secs(5),
+            max_ejection: Duration::from_secs(12),
+        };
+        let pool = pool(4);
+        let mut e = Ejections::default();
+        let mut durations = Vec::new();
+        for _ in 0..3 {
+            match e.consider("web", &pool, &p, "b0") {
+                Verdict::Ejected { duration, .. } => durations.push(duration.as_secs()),
+                v => panic!("{v:?}"),
             }
-        });
+            pool.update_status("b0", |s| s.ejected_until = None);
+        }
+        assert_eq!(durations, [5, 10, 12]);
     }
 }

@@ -98,6 +98,12 @@ impl prometheus_client::collector::Collector for Scrape {
             "Client connections accepted.",
             &[(vec![], global.sum(|s| s.connections.get()))],
         )?;
+        counter(
+            &mut enc,
+            "proxy_protocol_refused",
+            "Client connections closed on a `proxy_protocol: true` listener because they sent no valid PROXY protocol header.",
+            &[(vec![], global.sum(|s| s.proxy_protocol_refused.get()))],
+        )?;
         let mut generated = Vec::new();
         for (i, reason) in Generated::LABELS.iter().enumerate() {
             for (c, class) in CLASSES.iter().enumerate() {
@@ -110,7 +116,7 @@ impl prometheus_client::collector::Collector for Scrape {
         counter(
             &mut enc,
             "generated_responses",
-            "Responses the gateway made itself instead of a backend, by reason: no_route (404), no_healthy_backend (503), backend_failed (502), backend_timeout (504), plugin_reject, bad_request (400/431 for malformed requests).",
+            "Responses the gateway made itself instead of a backend, by reason: no_route (404), no_healthy_backend (503), backend_failed (502), backend_timeout (504), plugin_reject, bad_request (400/431 for malformed requests, 400 for an encoded slash in the path), body_too_large (413, the route's max_body_bytes), request_timeout (504, the route's total timeout).",
             &generated,
         )?;
 

@@ -31,6 +31,10 @@ pub struct BackendMetrics {
     /// When the backend's state (up/down/ejected/drained) last changed, ms since the
     /// Unix epoch (0: never).
     pub state_since_ms: AtomicU64,
+    /// The last request that failed on it (connect error, 5xx, timeout): when (ms since
+    /// the Unix epoch) and why. Written on failures only; shown by the admin API, since
+    /// the client's 502/504 body does not carry it.
+    pub last_failure: Mutex<Option<(u64, String)>>,
 }
 
 /// Health-check results of one backend (written by the health task only).
@@ -81,6 +85,11 @@ impl HealthMetrics {
 }
 
 impl BackendMetrics {
+    /// Notes a failed request and why.
+    pub fn last_failure(&self, reason: &str) {
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some((now_ms(), reason.to_owned()));
+    }
+
     /// Notes that the backend's state changed now.
     pub fn state_changed(&self) {
         self.state_since_ms.store(now_ms(), Relaxed);
@@ -166,14 +175,27 @@ pub enum Generated {
     BackendTimeout = 3,
     /// The plugin rejected the request with a status of its own.
     PluginReject = 4,
-    /// The request was malformed (400, 431: answered by the HTTP library).
+    /// The request was malformed (400, 431: answered by the HTTP library; 400 for a
+    /// path with an encoded slash).
     BadRequest = 5,
+    /// The request body is larger than the route's `max_body_bytes` (413).
+    BodyTooLarge = 6,
+    /// The route's total request timeout fired before response headers (504).
+    RequestTimeout = 7,
 }
 
 impl Generated {
     /// Label values, by discriminant.
-    pub const LABELS: [&'static str; 6] =
-        ["no_route", "no_healthy_backend", "backend_failed", "backend_timeout", "plugin_reject", "bad_request"];
+    pub const LABELS: [&'static str; 8] = [
+        "no_route",
+        "no_healthy_backend",
+        "backend_failed",
+        "backend_timeout",
+        "plugin_reject",
+        "bad_request",
+        "body_too_large",
+        "request_timeout",
+    ];
 }
 
 /// What one worker counted for the whole gateway.
@@ -186,7 +208,9 @@ pub struct GlobalShard {
     /// Requests received.
     pub requests: Counter,
     /// Responses the gateway made itself, by [`Generated`] reason and status class.
-    pub generated: [[Counter; 5]; 6],
+    pub generated: [[Counter; 5]; Generated::LABELS.len()],
+    /// Connections closed because a PROXY protocol listener got no valid header.
+    pub proxy_protocol_refused: Counter,
 }
 
 impl GlobalShard {

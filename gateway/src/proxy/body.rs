@@ -26,12 +26,27 @@ pub struct Replayable {
     slot: Arc<Mutex<Option<Incoming>>>,
     /// Body bytes sent to a backend so far (for the access log).
     sent: Arc<std::sync::atomic::AtomicU64>,
+    /// The route's `max_body_bytes`: the stream is cut before a chunk that would pass it.
+    limit: Option<u64>,
+    /// The body passed `limit` (the client gets 413 if no response has started).
+    over: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// The request body passed the route's `max_body_bytes`: the backend sees an aborted body.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body is larger than max_body_bytes ({limit} bytes)")]
+pub struct TooLarge {
+    /// The limit that was passed.
+    pub limit: u64,
+}
+
+/// Errors of a body sent to a backend: the client's connection broke, or it sent too much.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
 impl Replayable {
-    /// Wraps the client's body.
-    pub fn new(body: Incoming) -> Self {
-        Replayable { slot: Arc::new(Mutex::new(Some(body))), sent: Arc::default() }
+    /// Wraps the client's body; at most `limit` bytes of it are passed on.
+    pub fn new(body: Incoming, limit: Option<u64>) -> Self {
+        Replayable { slot: Arc::new(Mutex::new(Some(body))), sent: Arc::default(), limit, over: Arc::default() }
     }
 
     /// Whether no attempt has started reading the body.
@@ -44,6 +59,8 @@ impl Replayable {
 #[derive(Debug)]
 pub struct AttemptBody {
     shared: Option<Replayable>,
+    /// The same, kept after the body was taken (for its limit); none: no body.
+    shared_ref: Option<Replayable>,
     taken: Option<Incoming>,
     /// The backend it goes to, whose `bytes_in` counts it (bodies only).
     to: Option<std::sync::Arc<crate::pool::BackendEntry>>,
@@ -51,14 +68,31 @@ pub struct AttemptBody {
     sent: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
+impl AttemptBody {
+    /// Counts a chunk against the limit: an error (and the flag set) when it would pass it.
+    fn admit(&self, len: u64) -> Result<(), TooLarge> {
+        let (Some(shared), Some(sent)) = (&self.shared_ref, &self.sent) else { return Ok(()) };
+        let Some(limit) = shared.limit else { return Ok(()) };
+        if sent.load(std::sync::atomic::Ordering::Relaxed) + len > limit {
+            shared.over.store(true, std::sync::atomic::Ordering::Relaxed);
+            return Err(TooLarge { limit });
+        }
+        Ok(())
+    }
+}
+
 impl RequestBody {
     /// The body for one attempt, sent to `to`.
     pub fn attempt(&self, to: &std::sync::Arc<crate::pool::BackendEntry>) -> AttemptBody {
         match self {
-            RequestBody::Empty => AttemptBody { shared: None, taken: None, to: None, sent: None },
-            RequestBody::Stream(r) => {
-                AttemptBody { shared: Some(r.clone()), taken: None, to: Some(to.clone()), sent: Some(r.sent.clone()) }
-            }
+            RequestBody::Empty => AttemptBody { shared: None, shared_ref: None, taken: None, to: None, sent: None },
+            RequestBody::Stream(r) => AttemptBody {
+                shared: Some(r.clone()),
+                shared_ref: Some(r.clone()),
+                taken: None,
+                to: Some(to.clone()),
+                sent: Some(r.sent.clone()),
+            },
         }
     }
 
@@ -67,6 +101,14 @@ impl RequestBody {
         match self {
             RequestBody::Empty => None,
             RequestBody::Stream(r) => Some(r.sent.clone()),
+        }
+    }
+
+    /// Whether the body passed the route's `max_body_bytes` and was cut.
+    pub fn too_large(&self) -> bool {
+        match self {
+            RequestBody::Empty => false,
+            RequestBody::Stream(r) => r.over.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -81,9 +123,9 @@ impl RequestBody {
 
 impl Body for AttemptBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         if this.taken.is_none() {
             let Some(shared) = this.shared.take() else {
@@ -95,6 +137,14 @@ impl Body for AttemptBody {
             }
         }
         let polled = Pin::new(this.taken.as_mut().expect("set above")).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+            && let Err(e) = this.admit(data.len() as u64)
+        {
+            // Stop reading the client: what it still sends is never buffered here.
+            this.taken = None;
+            return Poll::Ready(Some(Err(e.into())));
+        }
         if let (Poll::Ready(Some(Ok(frame))), Some(to)) = (&polled, &this.to)
             && let Some(data) = frame.data_ref()
         {
@@ -105,7 +155,7 @@ impl Body for AttemptBody {
                 to.metrics.shards.local().bytes_in.add(data.len() as u64);
             }
         }
-        polled
+        polled.map_err(BodyError::from)
     }
 
     fn is_end_stream(&self) -> bool {

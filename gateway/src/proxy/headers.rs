@@ -84,7 +84,8 @@ fn remove_connection_listed(headers: &mut HeaderMap) {
 pub struct Forwarding<'a> {
     /// The client's IP, appended to `X-Forwarded-For`.
     pub client_ip: &'a HeaderValue,
-    /// The `:authority` of an HTTP/2 request (becomes `Host` when there is none).
+    /// The request target's authority (HTTP/1.1 absolute-form, HTTP/2 `:authority`): the
+    /// host the route was chosen by, so it replaces any `Host` the client sent.
     pub authority: Option<&'a HeaderValue>,
     /// `X-Request-Id` when the client sent none.
     pub request_id: &'a HeaderValue,
@@ -97,8 +98,9 @@ pub struct Forwarding<'a> {
 /// The headers a backend gets, built in one pass over the client's: hop-by-hop headers
 /// (and those `Connection` names) left out, `X-Forwarded-For` extended, `-Proto`,
 /// `-Host` and `X-Request-Id` added, `traceparent` set to the gateway's span (`tracestate`
-/// passes unchanged), `Host` kept or set (last resort: `fallback_host`, the backend's own
-/// address, for an HTTP/1.0 client that sent none). The client's map is left as it came,
+/// passes unchanged), `Host` set to the target's authority when there is one, else kept
+/// (last resort: `fallback_host`, the backend's own address, for an HTTP/1.0 client that
+/// sent none). The client's map is left as it came,
 /// so a retry builds its own copy.
 pub fn for_backend(client: &HeaderMap, fwd: &Forwarding<'_>, fallback_host: impl FnOnce() -> HeaderValue) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(client.keys_len() + 6);
@@ -134,10 +136,16 @@ pub fn for_backend(client: &HeaderMap, fwd: &Forwarding<'_>, fallback_host: impl
     };
     out.insert(X_FORWARDED_FOR, xff);
     out.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    let host = match out.get(header::HOST) {
-        Some(h) => h.clone(),
-        None => {
-            let h = fwd.authority.cloned().unwrap_or_else(fallback_host);
+    // The host the request was routed by: the request target's authority (absolute-form,
+    // or HTTP/2 `:authority`) wins over `Host` (RFC 9112 §3.2.2, RFC 9113 §8.3.1).
+    let host = match (fwd.authority, out.get(header::HOST)) {
+        (Some(a), _) => {
+            out.insert(header::HOST, a.clone());
+            a.clone()
+        }
+        (None, Some(h)) => h.clone(),
+        (None, None) => {
+            let h = fallback_host();
             out.insert(header::HOST, h.clone());
             h
         }
@@ -246,6 +254,18 @@ mod tests {
         assert_eq!(out[&X_REQUEST_ID], "from-client");
         assert_eq!(out[header::HOST], "shop.example:8080");
         assert_eq!(out[&X_FORWARDED_HOST], "shop.example:8080");
+    }
+
+    #[test]
+    fn the_absolute_form_authority_replaces_the_clients_host() {
+        let mut client = HeaderMap::new();
+        client.insert(header::HOST, HeaderValue::from_static("public.example"));
+        let (ip, id) = (ip_value("127.0.0.1".parse().unwrap()), HeaderValue::from_static("1"));
+        let authority = HeaderValue::from_static("internal.example");
+        let fwd = Forwarding { authority: Some(&authority), ..forwarding(&ip, &id) };
+        let out = for_backend(&client, &fwd, || unreachable!());
+        assert_eq!(out.get_all(header::HOST).iter().collect::<Vec<_>>(), ["internal.example"]);
+        assert_eq!(out[&X_FORWARDED_HOST], "internal.example");
     }
 
     #[test]

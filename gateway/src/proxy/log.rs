@@ -30,6 +30,8 @@ pub struct Pending {
     /// Request body bytes passed to the backend (shared with the attempts).
     pub(super) bytes_in: Option<Arc<AtomicU64>>,
     pub(super) reason: Option<&'static str>,
+    /// The failure behind a gateway-made 502/504 (backend id, address, OS error).
+    pub(super) error: Option<String>,
 }
 
 impl Pending {
@@ -61,6 +63,7 @@ impl Pending {
             bytes_out,
             duration: self.started.elapsed(),
             reason: self.reason,
+            error: self.error.as_deref(),
         });
     }
 }

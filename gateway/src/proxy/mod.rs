@@ -65,6 +65,8 @@ struct Outcome {
     trace: trace::Trace,
     /// Request body bytes sent, when there is a body.
     bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// What went wrong, for the access log only (clients get a generic body).
+    error: Option<String>,
 }
 
 impl Proxy {
@@ -88,31 +90,72 @@ impl Proxy {
         }
         let started = Instant::now();
         let time = self.access_log.as_ref().map(|_| std::time::SystemTime::now());
-        // Kept for the access log; clones share the parsed bytes instead of copying them.
+        // Kept for the access log (the path as the client sent it); clones share the
+        // parsed bytes instead of copying them.
         let (method, uri) = (req.method().clone(), req.uri().clone());
-        let host_value = req.headers().get(header::HOST);
-        let host_header = self.access_log.as_ref().and(host_value).cloned();
-        let path = uri.path();
-        let host = req.uri().authority().map(|a| a.as_str()).or_else(|| host_value?.to_str().ok());
-        // The request finishes on the view it started with, whatever a reload does meanwhile.
-        let view = self.view.load_full();
-        let found = view.router.find(host, path);
+        let host_header = self.access_log.as_ref().and_then(|_| req.headers().get(header::HOST).cloned());
         let mut outcome = Outcome {
             attempts: 0,
             fallback: false,
             generated: None,
             trace: trace::Trace::from_client(req.headers()),
             bytes_in: None,
+            error: None,
         };
-        let mut resp = match found {
-            None => {
+        // Routed and forwarded with dot-segments removed; encoded slashes are refused.
+        let normal = crate::router::normalize_path(uri.path()).map(|p| match p {
+            std::borrow::Cow::Borrowed(_) => None,
+            std::borrow::Cow::Owned(p) => Some(p),
+        });
+        let mut req = req;
+        let bad_path = match normal {
+            Ok(None) => None,
+            Ok(Some(p)) => {
+                set_path(req.uri_mut(), &p);
+                None
+            }
+            Err(e) => Some(e),
+        };
+        let path = req.uri().path();
+        // One host rule for routing and forwarding (RFC 9112 §3.2.2): the absolute-form
+        // authority (or HTTP/2 `:authority`) wins over `Host`, and replaces it upstream.
+        let host = req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(header::HOST)?.to_str().ok());
+        // The request finishes on the view it started with, whatever a reload does meanwhile.
+        let view = self.view.load_full();
+        let found = if bad_path.is_some() { None } else { view.router.find(host, path) };
+        let mut resp = match (found, bad_path) {
+            (_, Some(e)) => {
+                outcome.generated = Some(Generated::BadRequest);
+                plain(StatusCode::BAD_REQUEST, format!("bad request: {e}\n"))
+            }
+            (None, None) => {
                 let host = host.unwrap_or("").to_owned();
                 outcome.generated = Some(Generated::NoRoute);
                 plain(StatusCode::NOT_FOUND, format!("no route for host `{host}` and path `{path}`\n"))
             }
-            Some(index) => {
+            (Some(index), None) => {
                 let route = &view.router.routes()[index];
-                let resp = self.forward(conns, req, conn, &route.upstream, &mut outcome, counting).await;
+                let resp = match route.max_body_bytes {
+                    // Declared too large: refused before any backend is contacted.
+                    Some(limit) if req.body().size_hint().lower() > limit => {
+                        outcome.generated = Some(Generated::BodyTooLarge);
+                        too_large(limit)
+                    }
+                    _ => {
+                        let forward = self.forward(conns, req, conn, route, &mut outcome, counting);
+                        match route.timeout {
+                            None => forward.await,
+                            Some(total) => match tokio::time::timeout(total, forward).await {
+                                Ok(resp) => resp,
+                                Err(_) => {
+                                    outcome.generated = Some(Generated::RequestTimeout);
+                                    outcome.error = Some(format!("no response headers within the route's {total:?}"));
+                                    plain(StatusCode::GATEWAY_TIMEOUT, "gateway timeout: the request took too long\n")
+                                }
+                            },
+                        }
+                    }
+                };
                 if counting {
                     let shard = route.metrics.shards.local();
                     shard.requests[metrics::class(resp.status().as_u16())].inc();
@@ -144,6 +187,7 @@ impl Proxy {
                 fallback: outcome.fallback,
                 bytes_in: outcome.bytes_in,
                 reason: outcome.generated.map(|g| Generated::LABELS[g as usize]),
+                error: outcome.error,
             };
             match resp.body_mut() {
                 // A backend's body: the line waits for its end (bytes, full duration).
@@ -159,12 +203,18 @@ impl Proxy {
         conns: &Arc<Conns>,
         req: Request<Incoming>,
         conn: &ClientConn,
-        upstream: &Upstream,
+        route: &crate::router::Route,
         outcome: &mut Outcome,
         counting: bool,
     ) -> Response<ResponseBody> {
+        let (upstream, max_body_bytes): (&Upstream, _) = (&route.upstream, route.max_body_bytes);
         let (mut parts, incoming) = req.into_parts();
-        let authority = parts.uri.authority().and_then(|a| header::HeaderValue::from_str(a.as_str()).ok());
+        // The host the route was chosen by: the absolute-form authority (without any
+        // `user@`) replaces the client's `Host` for the backend.
+        let authority = parts.uri.authority().and_then(|a| {
+            let host = a.as_str().rsplit_once('@').map_or(a.as_str(), |(_, h)| h);
+            header::HeaderValue::from_str(host).ok()
+        });
         // WebSocket and other HTTP/1.1 upgrades: keep the upgrade headers for the
         // backend, and take the client side of the connection for the tunnel.
         let upgrade = headers::upgrade_protocol(&parts.headers);
@@ -177,8 +227,11 @@ impl Proxy {
             trace: &outcome.trace,
         };
         let peer = conn.peer;
-        let body =
-            if incoming.is_end_stream() { RequestBody::Empty } else { RequestBody::Stream(Replayable::new(incoming)) };
+        let body = if incoming.is_end_stream() {
+            RequestBody::Empty
+        } else {
+            RequestBody::Stream(Replayable::new(incoming, max_body_bytes))
+        };
         outcome.bytes_in = body.sent();
         let idempotent = is_idempotent(&parts.method);
         // Backends get origin-form targets: `/path?query`.
@@ -236,6 +289,12 @@ impl Proxy {
             let timeouts = &upstream.timeouts;
             let result =
                 tokio::time::timeout(timeouts.response_header, conns.send(entry, attempt, timeouts.connect)).await;
+            if body.too_large() {
+                // The client sent more than the route allows: its doing, not the backend's
+                // (which saw the body cut off); no retry, no passive-health failure.
+                outcome.generated = Some(Generated::BodyTooLarge);
+                return too_large(max_body_bytes.unwrap_or(0));
+            }
             if let Ok(Ok((resp, _))) = &result {
                 // A backend answered: whatever an earlier attempt failed with, this
                 // response is the backend's, not the gateway's.
@@ -292,7 +351,14 @@ impl Proxy {
                 Failure::Connect(_) => (StatusCode::BAD_GATEWAY, Generated::BackendFailed, RetryReason::ConnectFailed),
                 Failure::Other(_) => (StatusCode::BAD_GATEWAY, Generated::BackendFailed, RetryReason::Error),
             };
-            last_error = Some(plain(status, format!("backend {} failed: {reason}\n", entry.addr)));
+            // The client learns what kind of failure it was, not the backend's address
+            // or the OS error: those go to the access log and the admin API.
+            let text = match status {
+                StatusCode::GATEWAY_TIMEOUT => "gateway timeout: the backend did not answer in time\n",
+                _ => "bad gateway: the backend failed\n",
+            };
+            last_error = Some(plain(status, text));
+            outcome.error = Some(format!("backend {} ({}): {reason}", entry.id, entry.addr));
             outcome.generated = Some(generated);
             retrying = Some(retry_reason);
             if !retry {
@@ -310,9 +376,12 @@ impl Proxy {
 
     fn failed(&self, upstream: &Upstream, entry: &Arc<crate::pool::BackendEntry>, reason: &str) {
         let streak = entry.stats.failure();
+        entry.metrics.last_failure(reason);
         tracing::debug!(upstream = %upstream.name, backend = %entry.id, address = %entry.addr, streak, "request failed: {reason}");
         let threshold = upstream.passive.consecutive_failures;
-        if threshold > 0 && streak == threshold {
+        // At the threshold, and again every `threshold` failures after it: a backend the
+        // half rule kept in gets another look while it keeps failing.
+        if threshold > 0 && streak >= threshold && streak.is_multiple_of(threshold) {
             self.reporter.eject(&upstream.name, &entry.id, reason);
         }
     }
@@ -378,6 +447,29 @@ fn add_headers(headers: &mut http::HeaderMap, extra: Vec<(String, String)>) {
             headers.append(n, v);
         }
     }
+}
+
+/// Replaces the path of `uri`, keeping its scheme, authority and query.
+fn set_path(uri: &mut Uri, path: &str) {
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.path_and_query = http::uri::PathAndQuery::try_from(pq).ok();
+    // A normalised path is made of the original's characters: always valid.
+    *uri = Uri::from_parts(parts).unwrap_or_default();
+}
+
+/// `413`: the request body passed the route's `max_body_bytes`. The connection is closed,
+/// since the rest of the body was not read.
+fn too_large(limit: u64) -> Response<ResponseBody> {
+    let mut resp = plain(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("payload too large: this route accepts request bodies up to {limit} bytes\n"),
+    );
+    resp.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    resp
 }
 
 /// A plain-text response written by the gateway.
