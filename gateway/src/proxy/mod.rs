@@ -5,12 +5,13 @@
 
 mod body;
 mod conns;
+mod grpc;
 mod headers;
 mod log;
 pub mod trace;
 
 pub use body::{RequestBody, ResponseBody};
-pub use conns::Conns;
+pub use conns::{Conns, Transport};
 
 use crate::health::Reporter;
 use crate::metrics::{self, Generated, RetryReason};
@@ -92,6 +93,7 @@ impl Proxy {
         let (method, uri) = (req.method().clone(), req.uri().clone());
         let host_header = self.access_log.as_ref().and_then(|_| req.headers().get(header::HOST).cloned());
         let path = uri.path();
+        let grpc = grpc::is_call(req.version(), req.headers());
         let host = req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(header::HOST)?.to_str().ok());
         // The request finishes on the view it started with, whatever a reload does meanwhile.
         let view = self.view.load_full();
@@ -149,6 +151,10 @@ impl Proxy {
                 ResponseBody::Upstream { log, .. } => *log = Some(Box::new(line)),
                 ResponseBody::Full(data) => line.record(None, data.as_ref().map_or(0, |d| d.len() as u64)),
             }
+        }
+        // Logged and counted as what happened (e.g. 502); a gRPC client is told in gRPC.
+        if grpc && matches!(resp.body(), ResponseBody::Full(_)) {
+            return grpc::error_response(resp);
         }
         resp
     }
@@ -228,8 +234,11 @@ impl Proxy {
             let guard = BackendStats::start(entry);
             let sent = Instant::now();
             let timeouts = &upstream.timeouts;
-            let result =
-                tokio::time::timeout(timeouts.response_header, conns.send(entry, attempt, timeouts.connect)).await;
+            let result = tokio::time::timeout(
+                timeouts.response_header,
+                conns.send(entry, &upstream.transport, attempt, timeouts.connect),
+            )
+            .await;
             if let Ok(Ok((resp, _))) = &result {
                 // A backend answered: whatever an earlier attempt failed with, this
                 // response is the backend's, not the gateway's.
