@@ -242,3 +242,67 @@ fn grpc_over_tls_to_the_backends_with_alpn_h2() {
     let report = client(&py, gw.addr, &["fail"]);
     assert_eq!(report["code"], "NOT_FOUND", "{report}");
 }
+
+/// Established TCP connections whose local port is `port` (the server side of the
+/// gateway's connections to a backend), from /proc/net/tcp and tcp6 (grpcio's sockets
+/// are dual-stack: its IPv4 connections are listed there).
+fn established_to(port: u16) -> usize {
+    let mut table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    table.push_str(&std::fs::read_to_string("/proc/net/tcp6").unwrap_or_default());
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.len() > 3 && cols[1].ends_with(&local) && cols[3] == "01"
+        })
+        .count()
+}
+
+#[test]
+fn http2_backend_connections_are_shared_up_to_max_streams() {
+    let Some(py) = python() else { return };
+    let server = Server::start(&py, "s1", None);
+    let dir = TempDir::new();
+    let yaml = format!(
+        "\
+listeners:
+  - address: 127.0.0.1:0
+threads: 1
+upstreams:
+  grpc:
+    protocol: h2c
+    health_check: {{ enabled: false }}
+    pool: {{ max_streams: 4 }}
+    backends: [ {{ address: {} }} ]
+",
+        server.addr()
+    );
+    let gw = Gateway::with_config(&dir.write("gw.yaml", yaml), &dir.path().join("plugins"));
+
+    // 10 calls at once, each open for about 2 s: with 4 streams per connection, the
+    // gateway holds 3 connections to the backend (not 10, not 1).
+    let mut calls = Command::new(&py)
+        .arg(Path::new(SCRIPTS).join("client.py"))
+        .arg(gw.addr.to_string())
+        .args(["parallel", "10", "3", "1000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start client.py");
+    let seen = util::poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        let n = established_to(server.port);
+        (n >= 3).then_some(n)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let during = established_to(server.port);
+    let out = calls.wait_with_output().expect("client.py ends");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("client.py report");
+    assert_eq!(report["results"], serde_json::json!([3, 3, 3, 3, 3, 3, 3, 3, 3, 3]), "{report}");
+    assert_eq!((seen, during), (Some(3), 3), "10 concurrent calls, 4 streams per connection");
+
+    // Sequential calls afterwards reuse those connections: no new ones.
+    let report = client(&py, gw.addr, &["unary", "20"]);
+    assert_eq!(count(&report, "s1"), 20, "{report}");
+    assert!(established_to(server.port) <= 3, "connections reused");
+}

@@ -12,6 +12,7 @@ Scenarios:
   collect COUNT              one client-streaming call
   fail                       one call that the server fails with NOT_FOUND
   unavailable                one call; its status, message and duration
+  parallel N COUNT MILLIS    N server-streaming calls at once (threads, one channel)
 Every call has a 10 s deadline, so a hang shows up as DEADLINE_EXCEEDED, not as a stuck test.
 """
 
@@ -100,6 +101,25 @@ elif scenario == "unavailable":
     except grpc.RpcError as e:
         out = status(e)
     out["seconds"] = time.monotonic() - started
+elif scenario == "parallel":
+    import threading
+
+    n, count, millis = (int(a) for a in args)
+    results = [None] * n
+
+    def one(i):
+        call = method("unary_stream", "Stream")
+        try:
+            results[i] = len(list(call(f"{count},{millis}".encode(), timeout=DEADLINE)))
+        except grpc.RpcError as e:
+            results[i] = status(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out = {"results": results}
 else:
     sys.exit(f"unknown scenario {scenario}")
 print(json.dumps(out), flush=True)
