@@ -28,6 +28,7 @@ if ! node -e 'process.exit(+process.versions.node.split(".")[0] >= 18 ? 0 : 1)' 
 fi
 command -v npm >/dev/null || missing+=(npm)
 command -v prometheus >/dev/null || missing+=(prometheus)
+command -v openssl >/dev/null || missing+=(openssl)  # test certificates (tests/util/certs.rs)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
@@ -41,6 +42,17 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 echo "python $(python3 --version | cut -d' ' -f2), node $(node --version), npm $(npm --version), $(chromium --version 2>/dev/null)," \
   "prometheus $(prometheus --version 2>&1 | head -1 | cut -d' ' -f3)"
+
+# gateway/tests/grpc.rs drives real gRPC servers and clients (Python grpcio, pinned) from
+# a venv cached in ~/.cache/gateway-test-venv (under CI the test fails without it).
+step "gRPC test venv (grpcio)"
+GRPCIO_VERSION=1.85.3
+venv="$HOME/.cache/gateway-test-venv"
+if ! "$venv/bin/python" -c "import grpc, sys; sys.exit(grpc.__version__ != '$GRPCIO_VERSION')" 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "grpcio==$GRPCIO_VERSION"
+fi
+echo "grpcio $("$venv/bin/python" -c 'import grpc; print(grpc.__version__)')"
 
 # Pinned componentize-py / componentize-js (cached in ~/.cache/gateway-guest-tools), then
 # the Python, JavaScript and Rust guest plugins into target/guest-plugins/, which

@@ -206,9 +206,8 @@ fn worker(gw: Arc<Gateway>, listeners: Vec<(std::net::TcpListener, bool)>, stop:
                 warmer.done(generation);
             }
         });
-        let connect_timeout =
-            gw.view().upstreams.iter().map(|u| u.timeouts.connect).min().unwrap_or(Duration::from_secs(2));
-        let conns = proxy::Conns::new(connect_timeout);
+        // Each upstream's own connect timeout applies (`Conns::send`).
+        let conns = proxy::Conns::new();
         // One Arc per request instead of cloning the gateway and the pool separately.
         let worker = Arc::new((gw.clone(), conns));
         let graceful = GracefulShutdown::new();

@@ -5,6 +5,7 @@ use crate::config;
 use crate::metrics::UpstreamMetrics;
 use crate::plugin::{PluginError, PluginHost};
 use crate::pool::{BackendEntry, Member, Pool, Status};
+use crate::proxy::Transport;
 use crate::select::Selector;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -27,6 +28,8 @@ pub struct Upstream {
     pub health_check: config::HealthCheck,
     /// Passive ejection.
     pub passive: config::Passive,
+    /// Protocol, TLS and pool settings towards the backends (TLS config built once here).
+    pub transport: Arc<Transport>,
     /// Retries, decisions, plugin failures (kept across reloads by name).
     pub metrics: Arc<UpstreamMetrics>,
     /// The config it was built from, to tell what a reload changed.
@@ -53,6 +56,14 @@ pub enum BuildError {
         upstream: String,
         /// The id.
         id: String,
+    },
+    /// TLS to the backends could not be set up (CA bundle, client certificate).
+    #[error("upstream `{upstream}`: {reason}")]
+    Transport {
+        /// Upstream name.
+        upstream: String,
+        /// Why.
+        reason: String,
     },
     /// The strategy plugin was refused.
     #[error("upstream `{upstream}`: {error}")]
@@ -127,7 +138,18 @@ impl Upstream {
                 Arc::new(Selector::with_metrics(binding, crate::metrics::control().upstream(name)))
             }
         };
+        // Unchanged protocol, TLS and pool settings keep the transport, and with it this
+        // upstream's open connections.
+        let transport = match previous {
+            Some(p) if p.config.protocol == cfg.protocol && p.config.tls == cfg.tls && p.config.pool == cfg.pool => {
+                p.transport.clone()
+            }
+            _ => {
+                Arc::new(Transport::new(cfg).map_err(|reason| BuildError::Transport { upstream: name.into(), reason })?)
+            }
+        };
         Ok(Upstream {
+            transport,
             name: name.into(),
             pool: Pool::with_members(members),
             selector,

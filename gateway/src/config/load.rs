@@ -206,6 +206,39 @@ pub fn validate(config: &Config) -> Result<(), Problem> {
         {
             return Err((field("health_check.path"), Some(path.clone()), format!("`{path}` must start with `/`")));
         }
+        if up.pool.idle_timeout.is_zero() {
+            return Err((
+                field("pool.idle_timeout"),
+                Some("idle_timeout".into()),
+                "must be longer than 0s (e.g. 90s)".into(),
+            ));
+        }
+        if up.pool.max_streams == 0 {
+            return Err((field("pool.max_streams"), Some("max_streams".into()), "must be at least 1".into()));
+        }
+        if let Some(tls) = &up.tls {
+            if tls.cert.is_some() != tls.key.is_some() {
+                return Err((
+                    field("tls"),
+                    Some("tls".into()),
+                    "`cert` and `key` go together: set both or neither".into(),
+                ));
+            }
+            if up.protocol == super::Protocol::H2c {
+                return Err((
+                    field("protocol"),
+                    Some("protocol".into()),
+                    "`h2c` is cleartext HTTP/2 and cannot have `tls`: use `protocol: h2` for HTTP/2 over TLS".into(),
+                ));
+            }
+        }
+        if hc.path.is_some() && (up.protocol != super::Protocol::Http1 || up.tls.is_some()) {
+            return Err((
+                field("health_check.path"),
+                Some("path".into()),
+                "HTTP health checks speak cleartext HTTP/1.1, which this upstream's backends (TLS or HTTP/2) do not; leave `path` unset for a TCP check".into(),
+            ));
+        }
     }
     Ok(())
 }
@@ -355,6 +388,30 @@ mod tests {
         assert_eq!(c.upstreams.len(), 2);
         assert_eq!(c.routes[0].host.as_deref(), Some("api.example.com"));
         assert_eq!(c.upstreams["api"].backends[1].id(), "api-canary");
+    }
+
+    #[test]
+    fn the_grpc_example_is_valid() {
+        let text = include_str!("../../../examples/grpc.yaml");
+        let c = from_yaml(Path::new("examples/grpc.yaml"), text).unwrap();
+        assert_eq!(c.upstreams["greeter"].protocol, super::super::Protocol::H2c);
+        assert_eq!(c.upstreams["billing"].protocol, super::super::Protocol::H2);
+        assert_eq!(c.upstreams["billing"].tls.as_ref().unwrap().server_name.as_deref(), Some("billing.internal"));
+    }
+
+    #[test]
+    fn upstream_tls_and_protocol_mistakes_are_named() {
+        let up = |extra: &str| err(&format!("upstreams:\n  g:\n{extra}    backends: [{{address: 127.0.0.1:9001}}]\n"));
+        let e = up("    protocol: h2c\n    tls: {ca: ca.pem}\n");
+        assert!(e.contains("upstreams.g.protocol") && e.contains("protocol: h2"), "{e}");
+        let e = up("    tls: {cert: c.pem}\n");
+        assert!(e.contains("upstreams.g.tls") && e.contains("`cert` and `key`"), "{e}");
+        let e = up("    protocol: h2c\n    health_check: {path: /healthz}\n");
+        assert!(e.contains("upstreams.g.health_check.path"), "{e}");
+        let e = up("    protocol: http3\n");
+        assert!(e.contains("http1") && e.contains("h2c"), "{e}");
+        let e = up("    pool: {max_streams: 0}\n");
+        assert!(e.contains("upstreams.g.pool.max_streams"), "{e}");
     }
 
     const WEB: &str = "upstreams:\n  web:\n    backends:\n      - address: 127.0.0.1:9001\n";

@@ -165,6 +165,74 @@ pub struct Upstream {
     /// Overrides of the global `timeouts`.
     #[serde(default)]
     pub timeouts: Option<Timeouts>,
+    /// How the gateway speaks to the backends: `http1` (default), `h2c` (HTTP/2 in
+    /// cleartext, prior knowledge: gRPC) or `h2` (HTTP/2 over TLS, ALPN `h2`).
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// TLS to the backends (with `http1` or `h2`); none = cleartext (`h2` implies TLS
+    /// with the defaults of [`UpstreamTls`]).
+    #[serde(default)]
+    pub tls: Option<UpstreamTls>,
+    /// Keep-alive connections to the backends, per backend and worker thread.
+    #[serde(default)]
+    pub pool: ConnPool,
+}
+
+/// The protocol spoken to an upstream's backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 with keep-alive (TLS when `tls` is set). The default.
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext TCP with prior knowledge (what gRPC servers speak).
+    H2c,
+    /// HTTP/2 over TLS, negotiated with ALPN `h2`.
+    H2,
+}
+
+/// TLS towards an upstream's backends.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// PEM file of the CA certificates that may sign the backends' certificates; none =
+    /// the system bundle (`SSL_CERT_FILE`, else `/etc/ssl/certs/ca-certificates.crt`).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// The name sent in SNI and checked against the backend's certificate; none = the
+    /// backend's IP address.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// PEM certificate chain for client authentication (with `key`); none = no client
+    /// certificate.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+/// The backend connection pool of an upstream (each worker thread keeps its own).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnPool {
+    /// An unused keep-alive connection is closed after this long. Default 90s.
+    #[serde(default = "default_pool_idle", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Unused HTTP/1.1 connections kept per backend per worker; more are closed.
+    /// Default 1024.
+    #[serde(default = "default_max_idle")]
+    pub max_idle: usize,
+    /// HTTP/2 (`h2c`, `h2`): concurrent requests on one connection before another
+    /// connection to the same backend is opened. Default 100.
+    #[serde(default = "default_max_streams")]
+    pub max_streams: usize,
+}
+
+impl Default for ConnPool {
+    fn default() -> Self {
+        ConnPool { idle_timeout: default_pool_idle(), max_idle: default_max_idle(), max_streams: default_max_streams() }
+    }
 }
 
 /// One backend server.
@@ -405,6 +473,15 @@ fn default_max_ejection() -> Duration {
 fn default_attempts() -> u32 {
     3
 }
+fn default_pool_idle() -> Duration {
+    Duration::from_secs(90)
+}
+fn default_max_idle() -> usize {
+    1024
+}
+fn default_max_streams() -> usize {
+    100
+}
 fn default_connect() -> Duration {
     Duration::from_secs(2)
 }
@@ -517,6 +594,9 @@ impl Upstream {
             passive: Passive::default(),
             retries: Retries::default(),
             timeouts: None,
+            protocol: Protocol::default(),
+            tls: None,
+            pool: ConnPool::default(),
         }
     }
 }

@@ -5,12 +5,13 @@
 
 mod body;
 mod conns;
+mod grpc;
 mod headers;
 mod log;
 pub mod trace;
 
 pub use body::{RequestBody, ResponseBody};
-pub use conns::Conns;
+pub use conns::{Conns, Transport};
 
 use crate::health::Reporter;
 use crate::metrics::{self, Generated, RetryReason};
@@ -94,6 +95,7 @@ impl Proxy {
         // parsed bytes instead of copying them.
         let (method, uri) = (req.method().clone(), req.uri().clone());
         let host_header = self.access_log.as_ref().and_then(|_| req.headers().get(header::HOST).cloned());
+        let grpc = grpc::is_call(req.version(), req.headers());
         let mut outcome = Outcome {
             attempts: 0,
             fallback: false,
@@ -195,6 +197,10 @@ impl Proxy {
                 ResponseBody::Full(data) => line.record(None, data.as_ref().map_or(0, |d| d.len() as u64)),
             }
         }
+        // Logged and counted as what happened (e.g. 502); a gRPC client is told in gRPC.
+        if grpc && matches!(resp.body(), ResponseBody::Full(_)) {
+            return grpc::error_response(resp);
+        }
         resp
     }
 
@@ -287,8 +293,11 @@ impl Proxy {
             let guard = BackendStats::start(entry);
             let sent = Instant::now();
             let timeouts = &upstream.timeouts;
-            let result =
-                tokio::time::timeout(timeouts.response_header, conns.send(entry, attempt, timeouts.connect)).await;
+            let result = tokio::time::timeout(
+                timeouts.response_header,
+                conns.send(entry, &upstream.transport, attempt, timeouts.connect),
+            )
+            .await;
             if body.too_large() {
                 // The client sent more than the route allows: its doing, not the backend's
                 // (which saw the body cut off); no retry, no passive-health failure.

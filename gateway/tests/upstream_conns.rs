@@ -1,0 +1,137 @@
+//! The backend connection pool: each upstream's own connect timeout, and idle
+//! keep-alive connections closed after `pool.idle_timeout` (or not kept at all with
+//! `pool.max_idle: 0`).
+
+mod util;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+use util::{Gateway, TempDir};
+
+/// A listening socket that never accepts, its backlog filled: a new connection to it
+/// waits for its SYN to be answered, like a backend behind a black hole. Loopback only.
+fn blackhole() -> (SocketAddr, Vec<TcpStream>, socket2::Socket) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            Ok(s) => held.push(s),
+            Err(_) => return (addr, held, socket),
+        }
+    }
+    panic!("the backlog of {addr} never filled up");
+}
+
+fn start(dir: &TempDir, yaml: &str) -> Gateway {
+    Gateway::with_config(&dir.write("gw.yaml", yaml), &dir.path().join("plugins"))
+}
+
+#[test]
+fn each_upstream_waits_its_own_connect_timeout() {
+    let (hole, _held, _socket) = blackhole();
+    let dir = TempDir::new();
+    // Before the fix, every upstream got the shortest connect timeout of them all.
+    let gw = start(
+        &dir,
+        &format!(
+            "\
+listeners:
+  - address: 127.0.0.1:0
+routes:
+  - {{ path_prefix: /short, upstream: short }}
+  - {{ path_prefix: /long, upstream: long }}
+upstreams:
+  short:
+    timeouts: {{ connect: 200ms, response_header: 30s }}
+    retries: {{ attempts: 1 }}
+    health_check: {{ enabled: false }}
+    backends: [ {{ address: {hole} }} ]
+  long:
+    timeouts: {{ connect: 3s, response_header: 30s }}
+    retries: {{ attempts: 1 }}
+    health_check: {{ enabled: false }}
+    backends: [ {{ address: {hole} }} ]
+"
+        ),
+    );
+    let timed = |path: &str| {
+        let started = Instant::now();
+        let (status, _) = util::get(gw.addr, path);
+        (status, started.elapsed())
+    };
+    let (status, short) = timed("/short");
+    assert_eq!(status, 502);
+    assert!(short < Duration::from_millis(1500), "200ms connect timeout, answered after {short:?}");
+    let (status, long) = timed("/long");
+    assert_eq!(status, 502);
+    assert!(
+        long >= Duration::from_millis(2800) && long < Duration::from_secs(10),
+        "3s connect timeout, answered after {long:?}"
+    );
+}
+
+/// A keep-alive HTTP/1.1 backend for one connection: answers its first request, then
+/// reports how long the connection stayed open after that answer.
+fn one_connection_backend() -> (SocketAddr, std::sync::mpsc::Receiver<Duration>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                break;
+            }
+        }
+        (&stream).write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").unwrap();
+        let answered = Instant::now();
+        let mut rest = Vec::new();
+        let _ = reader.read_to_end(&mut rest);
+        let _ = tx.send(answered.elapsed());
+    });
+    (addr, rx)
+}
+
+fn pool_config(backend: SocketAddr, pool: &str) -> String {
+    format!(
+        "\
+listeners:
+  - address: 127.0.0.1:0
+upstreams:
+  web:
+    health_check: {{ enabled: false }}
+    pool: {pool}
+    backends: [ {{ address: {backend} }} ]
+"
+    )
+}
+
+#[test]
+fn idle_backend_connections_are_closed_after_the_idle_timeout() {
+    let (backend, closed) = one_connection_backend();
+    let dir = TempDir::new();
+    let gw = start(&dir, &pool_config(backend, "{ idle_timeout: 1s }"));
+    assert_eq!(util::get(gw.addr, "/").0, 200);
+    let open = closed.recv_timeout(Duration::from_secs(15)).expect("the gateway closes the idle connection");
+    assert!(
+        open >= Duration::from_millis(900) && open < Duration::from_secs(5),
+        "idle_timeout 1s (checked once a second): closed after {open:?}"
+    );
+}
+
+#[test]
+fn max_idle_zero_keeps_no_connection() {
+    let (backend, closed) = one_connection_backend();
+    let dir = TempDir::new();
+    let gw = start(&dir, &pool_config(backend, "{ max_idle: 0 }"));
+    assert_eq!(util::get(gw.addr, "/").0, 200);
+    let open = closed.recv_timeout(Duration::from_secs(15)).expect("the gateway closes the connection");
+    assert!(open < Duration::from_millis(800), "not kept idle: closed after {open:?}");
+}
