@@ -244,7 +244,7 @@ impl RunArgs {
             if let Some(p) = self.port {
                 addr.set_port(p);
             }
-            config.listeners = vec![config::Listener { address: addr }];
+            config.listeners = vec![config::Listener::at(addr)];
         }
         if let Some(dir) = &self.plugins {
             config.plugins.dir = dir.clone();

@@ -168,12 +168,37 @@ pub enum Generated {
     PluginReject = 4,
     /// The request was malformed (400, 431: answered by the HTTP library).
     BadRequest = 5,
+    /// A redirect listener sent the client to HTTPS (308).
+    HttpsRedirect = 6,
 }
 
 impl Generated {
     /// Label values, by discriminant.
-    pub const LABELS: [&'static str; 6] =
-        ["no_route", "no_healthy_backend", "backend_failed", "backend_timeout", "plugin_reject", "bad_request"];
+    pub const LABELS: [&'static str; 7] = [
+        "no_route",
+        "no_healthy_backend",
+        "backend_failed",
+        "backend_timeout",
+        "plugin_reject",
+        "bad_request",
+        "https_redirect",
+    ];
+}
+
+/// Why the gateway closed a client connection itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// The request head (or the TLS handshake) took longer than `header_timeout`.
+    HeaderTimeout = 0,
+    /// No request and no bytes for `idle_timeout`.
+    IdleTimeout = 1,
+    /// The TLS handshake failed (no common protocol or cipher, not TLS, ...).
+    TlsHandshake = 2,
+}
+
+impl Closed {
+    /// Label values, by discriminant.
+    pub const LABELS: [&'static str; 3] = ["header_timeout", "idle_timeout", "tls_handshake_failed"];
 }
 
 /// What one worker counted for the whole gateway.
@@ -186,7 +211,12 @@ pub struct GlobalShard {
     /// Requests received.
     pub requests: Counter,
     /// Responses the gateway made itself, by [`Generated`] reason and status class.
-    pub generated: [[Counter; 5]; 6],
+    pub generated: [[Counter; 5]; 7],
+    /// Client connections the gateway closed, by [`Closed`] reason.
+    pub closed: [Counter; 3],
+    /// Times a listener was at `max_connections` and left new connections waiting in
+    /// the accept backlog.
+    pub at_connection_limit: Counter,
 }
 
 impl GlobalShard {
@@ -213,6 +243,10 @@ pub struct Control {
     pub reloads_ok: Counter,
     /// Config reloads that were refused.
     pub reloads_refused: Counter,
+    /// TLS certificate reloads that were applied.
+    pub cert_reloads_ok: Counter,
+    /// TLS certificate reloads that were refused (the previous certificate kept serving).
+    pub cert_reloads_refused: Counter,
     /// When the last reload was applied (or the config first loaded), ms since the epoch.
     pub last_reload_success_ms: AtomicU64,
     /// Upstream metrics by name, so a reload keeps them.

@@ -92,6 +92,8 @@ pub struct Forwarding<'a> {
     pub upgrade: Option<&'a HeaderValue>,
     /// The request's trace: its `traceparent` replaces the client's.
     pub trace: &'a Trace,
+    /// The client connected over TLS: `X-Forwarded-Proto: https`.
+    pub https: bool,
 }
 
 /// The headers a backend gets, built in one pass over the client's: hop-by-hop headers
@@ -133,7 +135,7 @@ pub fn for_backend(client: &HeaderMap, fwd: &Forwarding<'_>, fallback_host: impl
         }
     };
     out.insert(X_FORWARDED_FOR, xff);
-    out.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    out.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if fwd.https { "https" } else { "http" }));
     let host = match out.get(header::HOST) {
         Some(h) => h.clone(),
         None => {
@@ -205,7 +207,7 @@ mod tests {
 
     fn forwarding<'a>(ip: &'a HeaderValue, id: &'a HeaderValue) -> Forwarding<'a> {
         static TRACE: std::sync::LazyLock<Trace> = std::sync::LazyLock::new(|| Trace::from_client(&HeaderMap::new()));
-        Forwarding { client_ip: ip, authority: None, request_id: id, upgrade: None, trace: &TRACE }
+        Forwarding { client_ip: ip, authority: None, request_id: id, upgrade: None, trace: &TRACE, https: false }
     }
 
     #[test]
