@@ -18,7 +18,7 @@ rustup target add wasm32-unknown-unknown wasm32-wasip2 >/dev/null
 # The guest-language toolchains run on Python 3 (with venv) and Node.js 18+ with npm;
 # gateway/tests/stats_page.rs drives a real headless Chromium (under CI it fails without one);
 # gateway/tests/observability.rs runs a real Prometheus against the gateway (same rule).
-step "system packages (guest-language toolchains, Chromium, Prometheus)"
+step "system packages (guest-language toolchains, Chromium, Prometheus, curl, openssl, h2load)"
 missing=()
 command -v chromium >/dev/null || missing+=(chromium)
 command -v python3 >/dev/null || missing+=(python3)
@@ -28,12 +28,15 @@ if ! node -e 'process.exit(+process.versions.node.split(".")[0] >= 18 ? 0 : 1)' 
 fi
 command -v npm >/dev/null || missing+=(npm)
 command -v prometheus >/dev/null || missing+=(prometheus)
-command -v openssl >/dev/null || missing+=(openssl)  # test certificates (tests/util/certs.rs)
+# Real TLS and HTTP/2 clients (tests/tls.rs, limits.rs); test certificates (tests/util/certs.rs).
+command -v curl >/dev/null || missing+=(curl)
+command -v openssl >/dev/null || missing+=(openssl)
+command -v h2load >/dev/null || missing+=(nghttp2-client)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
   command -v apt-get >/dev/null || {
-    echo "missing: ${missing[*]}; install them (Python 3 with venv, Node.js 18+ and npm, Chromium, Prometheus) and run again" >&2
+    echo "missing: ${missing[*]}; install them (Python 3 with venv, Node.js 18+ and npm, Chromium, Prometheus, curl, openssl, nghttp2-client) and run again" >&2
     exit 1
   }
   echo "installing ${missing[*]} with apt-get"

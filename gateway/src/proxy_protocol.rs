@@ -22,8 +22,6 @@ const MIN_HEADER: usize = 15;
 /// The longest version 2 address block accepted (TLVs included). The spec allows 64 KiB;
 /// balancers send a few hundred bytes at most (AWS adds a VPC endpoint id).
 pub const V2_MAX_BLOCK: usize = 2048;
-/// How long a client may take to send the header (the connection is closed after).
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a connection's PROXY header was refused.
 #[derive(Debug, thiserror::Error)]

@@ -5,16 +5,13 @@
 use crate::admin::{self, Auth, Extension};
 use crate::gateway::Gateway;
 use crate::health;
+use crate::listener::{self, Listener};
 use crate::metrics;
 use crate::proxy;
 use crate::reload::{self, Trigger};
 use anyhow::Context as _;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Socket, Type};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,13 +46,24 @@ pub fn run(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let threads = gw.config.worker_threads();
-    // Each socket with whether its connections start with a PROXY protocol header.
-    let mut per_worker: Vec<Vec<(std::net::TcpListener, bool)>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut per_worker: Vec<Vec<(std::net::TcpListener, Arc<Listener>)>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut cert_stores = Vec::new();
     for l in &gw.config.listeners {
+        let (listener, store) = Listener::build(l).map_err(|e| anyhow::anyhow!("listener {}: {e}", l.address))?;
         let sockets = bind(l.address, threads)?;
-        tracing::info!(address = %sockets[0].local_addr()?, threads, proxy_protocol = l.proxy_protocol, "listening");
+        let address = sockets[0].local_addr()?;
+        match &store {
+            Some(store) => {
+                tracing::info!(%address, threads, tls = true, certificates = ?store.names(), "listening")
+            }
+            None if l.redirect_https.is_some() => {
+                tracing::info!(%address, threads, redirect_https = l.redirect_https, "listening")
+            }
+            None => tracing::info!(%address, threads, proxy_protocol = l.proxy_protocol, "listening"),
+        }
+        cert_stores.extend(store);
         for (i, s) in sockets.into_iter().enumerate() {
-            per_worker[i].push((s, l.proxy_protocol));
+            per_worker[i].push((s, listener.clone()));
         }
     }
     let admin_listener = match gw.config.admin.address {
@@ -95,6 +103,7 @@ pub fn run(
             crate::plugin::watch(gw.plugins.clone(), stop.clone());
         }
         reload::watch(gw.clone(), stop.clone());
+        listener::tls::watch(cert_stores, stop.clone());
         if let Some((listener, auth)) = admin_listener {
             let addr = listener.local_addr()?;
             tracing::info!(address = %addr, stats_page = %format!("http://{addr}/"), token = auth.has_token(), "admin API listening");
@@ -162,7 +171,12 @@ async fn wait_for_signal(stop: &CancellationToken) {
     stop.cancel();
 }
 
-fn worker(gw: Arc<Gateway>, listeners: Vec<(std::net::TcpListener, bool)>, stop: CancellationToken, grace: Duration) {
+fn worker(
+    gw: Arc<Gateway>,
+    listeners: Vec<(std::net::TcpListener, Arc<Listener>)>,
+    stop: CancellationToken,
+    grace: Duration,
+) {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -209,15 +223,13 @@ fn worker(gw: Arc<Gateway>, listeners: Vec<(std::net::TcpListener, bool)>, stop:
         // Each upstream's own connect timeout applies (`Conns::send`).
         let conns = proxy::Conns::new();
         // One Arc per request instead of cloning the gateway and the pool separately.
-        let worker = Arc::new((gw.clone(), conns));
+        let worker: listener::Worker = Arc::new((gw.clone(), conns));
         let graceful = GracefulShutdown::new();
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        // One buffer, one `write`: a small response's head and body go out together
-        // instead of as a two-part `writev`.
-        builder.http1().writev(false);
         let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel();
-        for (listener, proxy_protocol) in listeners {
-            let listener = match tokio::net::TcpListener::from_std(listener) {
+        let mut http = Vec::with_capacity(listeners.len());
+        for (index, (socket, settings)) in listeners.into_iter().enumerate() {
+            http.push(settings.http());
+            let socket = match tokio::net::TcpListener::from_std(socket) {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::error!("cannot use listener socket: {e}");
@@ -229,28 +241,35 @@ fn worker(gw: Arc<Gateway>, listeners: Vec<(std::net::TcpListener, bool)>, stop:
                 loop {
                     let accepted = tokio::select! {
                         _ = stop.cancelled() => return,
-                        a = listener.accept() => a,
+                        a = socket.accept() => a,
                     };
                     match accepted {
-                        // Behind an L4 balancer: the client's address comes first, in a
-                        // PROXY header read off the accept loop, before HTTP starts.
-                        Ok((mut stream, peer)) if proxy_protocol => {
-                            let tx = tx.clone();
-                            tokio::spawn(async move {
-                                let timeout = crate::proxy_protocol::HEADER_TIMEOUT;
-                                match crate::proxy_protocol::read_header(&mut stream, timeout).await {
-                                    Ok(client) => {
-                                        let _ = tx.send((stream, client.unwrap_or(peer)));
+                        Ok((mut stream, peer)) => {
+                            // At `max_connections`, this connection waits for a slot and
+                            // the loop stops accepting: the next ones wait in the kernel's
+                            // backlog until one of this listener's connections ends. (A
+                            // slot taken before `accept` would sit idle on a worker whose
+                            // socket gets no connection while another worker's waits.)
+                            let Some(slot) = settings.slot(&stop).await else { return };
+                            if settings.proxy_protocol {
+                                // Behind an L4 balancer: the client's address comes first, in
+                                // a PROXY header read off the accept loop, before HTTP or TLS.
+                                let (tx, settings) = (tx.clone(), settings.clone());
+                                tokio::spawn(async move {
+                                    let timeout = settings.limits.header_timeout;
+                                    match crate::proxy_protocol::read_header(&mut stream, timeout).await {
+                                        Ok(client) => {
+                                            let _ = tx.send((stream, client.unwrap_or(peer), slot, settings, index));
+                                        }
+                                        Err(e) => {
+                                            metrics::global().local().proxy_protocol_refused.inc();
+                                            tracing::debug!(peer = %peer, "connection closed: {e}");
+                                        }
                                     }
-                                    Err(e) => {
-                                        metrics::global().local().proxy_protocol_refused.inc();
-                                        tracing::debug!(peer = %peer, "connection closed: {e}");
-                                    }
-                                }
-                            });
-                        }
-                        Ok(conn) => {
-                            if tx.send(conn).is_err() {
+                                });
+                                continue;
+                            }
+                            if tx.send((stream, peer, slot, settings.clone(), index)).is_err() {
                                 return;
                             }
                         }
@@ -265,7 +284,7 @@ fn worker(gw: Arc<Gateway>, listeners: Vec<(std::net::TcpListener, bool)>, stop:
         }
         drop(conn_tx);
         loop {
-            let (stream, peer) = tokio::select! {
+            let (stream, peer, slot, settings, index) = tokio::select! {
                 _ = stop.cancelled() => break,
                 c = conn_rx.recv() => match c { Some(c) => c, None => break },
             };
@@ -273,25 +292,7 @@ fn worker(gw: Arc<Gateway>, listeners: Vec<(std::net::TcpListener, bool)>, stop:
             if metrics::enabled() {
                 metrics::global().local().connections.inc();
             }
-            let (worker, conn) = (worker.clone(), Arc::new(proxy::ClientConn::new(peer)));
-            let service = service_fn(move |req| {
-                let (worker, conn) = (worker.clone(), conn.clone());
-                async move { Ok::<_, Infallible>(worker.0.proxy.handle(&worker.1, req, &conn).await) }
-            });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    // hyper answers malformed requests itself (400, 431) and ends the
-                    // connection: they never reach the proxy, so count them here.
-                    if let Some(status) = refused_status(&*e) {
-                        metrics::global().local().generated(metrics::Generated::BadRequest, status);
-                        tracing::debug!(client = %peer, status, "malformed request refused: {e}");
-                    } else {
-                        tracing::debug!(client = %peer, "connection ended with an error: {e}");
-                    }
-                }
-            });
+            tokio::spawn(settings.serve(stream, peer, slot, http[index].clone(), graceful.watcher(), worker.clone()));
         }
         tokio::select! {
             _ = graceful.shutdown() => {}
@@ -300,23 +301,4 @@ fn worker(gw: Arc<Gateway>, listeners: Vec<(std::net::TcpListener, bool)>, stop:
             }
         }
     });
-}
-
-/// The status hyper answered a malformed request with, if that is how the connection
-/// ended: 431 for a head over the size limit, 400 for a parse error.
-fn refused_status(e: &(dyn std::error::Error + 'static)) -> Option<u16> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(h) = err.downcast_ref::<hyper::Error>() {
-            if h.is_parse_too_large() {
-                return Some(431);
-            }
-            if h.is_parse() {
-                return Some(400);
-            }
-            return None;
-        }
-        cur = err.source();
-    }
-    None
 }

@@ -91,6 +91,9 @@ pub fn validate(config: &Config) -> Result<(), Problem> {
     if config.listeners.is_empty() {
         return Err(("listeners".into(), Some("listeners".into()), "at least one listener is required".into()));
     }
+    for (i, l) in config.listeners.iter().enumerate() {
+        check_listener(l, i)?;
+    }
     if config.upstreams.is_empty() {
         return Err(("upstreams".into(), Some("upstreams".into()), "at least one upstream is required".into()));
     }
@@ -255,6 +258,48 @@ fn zero_timeouts(t: &super::Timeouts, at: &str) -> Result<(), Problem> {
             Some("request:".into()),
             "must be longer than 0s, or left out for none".into(),
         ));
+    }
+    Ok(())
+}
+
+fn check_listener(l: &super::Listener, i: usize) -> Result<(), Problem> {
+    let at = |f: &str| format!("listeners[{i}].{f}");
+    let lim = &l.limits;
+    for (f, d) in [("header_timeout", lim.header_timeout), ("idle_timeout", lim.idle_timeout)] {
+        if d.is_zero() {
+            return Err((
+                at(&format!("limits.{f}")),
+                Some(format!("{f}:")),
+                "must be longer than 0s (e.g. 10s)".into(),
+            ));
+        }
+    }
+    // hyper's HTTP/1 read buffer cannot be smaller than 8 KiB.
+    if lim.max_header_bytes < 8192 {
+        return Err((
+            at("limits.max_header_bytes"),
+            Some("max_header_bytes".into()),
+            format!("{} is too small: at least 8192 (bytes)", lim.max_header_bytes),
+        ));
+    }
+    for (f, n) in [
+        ("max_connections", lim.max_connections),
+        ("max_headers", lim.max_headers),
+        ("max_concurrent_streams", lim.max_concurrent_streams as usize),
+    ] {
+        if n == 0 {
+            return Err((at(&format!("limits.{f}")), Some(format!("{f}:")), "must be at least 1".into()));
+        }
+    }
+    if l.redirect_https.is_some() && l.tls.is_some() {
+        return Err((
+            at("redirect_https"),
+            Some("redirect_https".into()),
+            "a listener that redirects to HTTPS cannot also terminate TLS: give the redirect its own plaintext listener".into(),
+        ));
+    }
+    if l.redirect_https == Some(0) {
+        return Err((at("redirect_https"), Some("redirect_https".into()), "0 is not a port (e.g. 443)".into()));
     }
     Ok(())
 }

@@ -107,13 +107,74 @@ pub struct Listener {
     /// a valid header is closed. Default false.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Terminate TLS on this listener (HTTPS). Default none: plaintext.
+    #[serde(default)]
+    pub tls: Option<Tls>,
+    /// Bounds on what one client may hold or send (see [`Limits`]).
+    #[serde(default)]
+    pub limits: Limits,
+    /// Answer every request with `308` to `https://HOST[:PORT]/path?query` and proxy
+    /// nothing: the HTTPS port to send clients to (443 is left out of the URL). Default
+    /// none.
+    #[serde(default)]
+    pub redirect_https: Option<u16>,
 }
 
 impl Listener {
-    /// A plain listener on `address` with every other setting at its default.
+    /// A plaintext listener on `address` with the default limits.
     pub fn at(address: SocketAddr) -> Self {
-        Listener { address, proxy_protocol: false }
+        Listener { address, proxy_protocol: false, tls: None, limits: Limits::default(), redirect_https: None }
     }
+}
+
+/// TLS termination on a listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// Certificate/key pairs (PEM files, paths relative to the working directory). The
+    /// one whose names (subject alternative names) match the client's SNI is used; the
+    /// first is the default (no SNI, or a name none of them carries). At least one.
+    #[serde(deserialize_with = "load::non_empty")]
+    pub certificates: Vec<CertificateFiles>,
+}
+
+/// One certificate (chain) and its private key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFiles {
+    /// PEM file: the leaf certificate first, then intermediates.
+    pub cert: PathBuf,
+    /// PEM file: the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// Bounds on one listener's clients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Longest a client may take to send a request's headers once it started (and the
+    /// TLS handshake); a slower client is disconnected. Default 10s.
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A connection with no request in progress and no bytes moving for this long is
+    /// closed. Default 60s.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Connections served at once on this listener (all worker threads together); more
+    /// wait in the kernel's accept backlog until one closes. Default 10000.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Largest request head (request line and headers) in bytes; larger gets `431`.
+    /// At least 8192. Default 65536.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Most header fields in one request; more gets `431`. Default 100.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// HTTP/2: streams (requests) a client may have open at once on one connection.
+    /// Default 100.
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
 }
 
 /// A routing rule: requests whose host and path match go to `upstream`.
@@ -500,6 +561,24 @@ fn default_setup_deadline() -> Duration {
 fn default_memory_mib() -> u32 {
     128
 }
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_max_header_bytes() -> usize {
+    65_536
+}
+fn default_max_headers() -> usize {
+    100
+}
+fn default_max_concurrent_streams() -> u32 {
+    100
+}
 fn default_grace() -> Duration {
     Duration::from_secs(30)
 }
@@ -514,7 +593,7 @@ macro_rules! default_from_serde {
         }
     )*};
 }
-default_from_serde!(Strategy, HealthCheck, Passive, Retries, Timeouts, Plugins, Admin, Metrics);
+default_from_serde!(Strategy, HealthCheck, Passive, Retries, Timeouts, Plugins, Admin, Metrics, Limits);
 
 impl Strategy {
     /// `plugin` with no params.

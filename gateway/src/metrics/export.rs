@@ -2,7 +2,7 @@
 //! `prometheus-client` crate. Runs only when scraped; the request path never formats a
 //! label.
 
-use super::{CLASSES, Generated, HistogramSnapshot, RetryReason, UpstreamMetrics};
+use super::{CLASSES, Closed, Generated, HistogramSnapshot, RetryReason, UpstreamMetrics};
 use crate::gateway::Gateway;
 use crate::view::View;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -116,8 +116,26 @@ impl prometheus_client::collector::Collector for Scrape {
         counter(
             &mut enc,
             "generated_responses",
-            "Responses the gateway made itself instead of a backend, by reason: no_route (404), no_healthy_backend (503), backend_failed (502), backend_timeout (504), plugin_reject, bad_request (400/431 for malformed requests, 400 for an encoded slash in the path), body_too_large (413, the route's max_body_bytes), request_timeout (504, the route's total timeout).",
+            "Responses the gateway made itself instead of a backend, by reason: no_route (404), no_healthy_backend (503), backend_failed (502), backend_timeout (504), plugin_reject, bad_request (400/431 for malformed requests, 400 for an encoded slash in the path), body_too_large (413, the route's max_body_bytes), request_timeout (504, the route's total timeout), https_redirect (308 from a redirect listener).",
             &generated,
+        )?;
+
+        let closed: Vec<_> = Closed::LABELS
+            .iter()
+            .enumerate()
+            .map(|(i, reason)| (vec![("reason", *reason)], global.sum(|s| s.closed[i].get())))
+            .collect();
+        counter(
+            &mut enc,
+            "connections_closed",
+            "Client connections the gateway closed itself, by reason: header_timeout (request head or TLS handshake slower than the listener's header_timeout), idle_timeout, tls_handshake_failed.",
+            &closed,
+        )?;
+        counter(
+            &mut enc,
+            "connection_limit_reached",
+            "Times a listener reached its max_connections and left new connections waiting in the accept backlog.",
+            &[(vec![], global.sum(|s| s.at_connection_limit.get()))],
         )?;
 
         // Routes.
@@ -355,6 +373,15 @@ impl prometheus_client::collector::Collector for Scrape {
             &[
                 (vec![("result", "ok")], control.reloads_ok.get()),
                 (vec![("result", "refused")], control.reloads_refused.get()),
+            ],
+        )?;
+        counter(
+            &mut enc,
+            "tls_certificate_reloads",
+            "TLS certificate reloads: ok (new handshakes use the new certificate) or refused (the previous one kept serving).",
+            &[
+                (vec![("result", "ok")], control.cert_reloads_ok.get()),
+                (vec![("result", "refused")], control.cert_reloads_refused.get()),
             ],
         )?;
         gauge(

@@ -182,11 +182,13 @@ pub enum Generated {
     BodyTooLarge = 6,
     /// The route's total request timeout fired before response headers (504).
     RequestTimeout = 7,
+    /// A redirect listener sent the client to HTTPS (308).
+    HttpsRedirect = 8,
 }
 
 impl Generated {
     /// Label values, by discriminant.
-    pub const LABELS: [&'static str; 8] = [
+    pub const LABELS: [&'static str; 9] = [
         "no_route",
         "no_healthy_backend",
         "backend_failed",
@@ -195,7 +197,24 @@ impl Generated {
         "bad_request",
         "body_too_large",
         "request_timeout",
+        "https_redirect",
     ];
+}
+
+/// Why the gateway closed a client connection itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// The request head (or the TLS handshake) took longer than `header_timeout`.
+    HeaderTimeout = 0,
+    /// No request and no bytes for `idle_timeout`.
+    IdleTimeout = 1,
+    /// The TLS handshake failed (no common protocol or cipher, not TLS, ...).
+    TlsHandshake = 2,
+}
+
+impl Closed {
+    /// Label values, by discriminant.
+    pub const LABELS: [&'static str; 3] = ["header_timeout", "idle_timeout", "tls_handshake_failed"];
 }
 
 /// What one worker counted for the whole gateway.
@@ -211,6 +230,11 @@ pub struct GlobalShard {
     pub generated: [[Counter; 5]; Generated::LABELS.len()],
     /// Connections closed because a PROXY protocol listener got no valid header.
     pub proxy_protocol_refused: Counter,
+    /// Client connections the gateway closed, by [`Closed`] reason.
+    pub closed: [Counter; 3],
+    /// Times a listener was at `max_connections` and left new connections waiting in
+    /// the accept backlog.
+    pub at_connection_limit: Counter,
 }
 
 impl GlobalShard {
@@ -237,6 +261,10 @@ pub struct Control {
     pub reloads_ok: Counter,
     /// Config reloads that were refused.
     pub reloads_refused: Counter,
+    /// TLS certificate reloads that were applied.
+    pub cert_reloads_ok: Counter,
+    /// TLS certificate reloads that were refused (the previous certificate kept serving).
+    pub cert_reloads_refused: Counter,
     /// When the last reload was applied (or the config first loaded), ms since the epoch.
     pub last_reload_success_ms: AtomicU64,
     /// Upstream metrics by name, so a reload keeps them.

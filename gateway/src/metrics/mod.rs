@@ -20,8 +20,8 @@ use std::time::Duration;
 pub use export::encode;
 
 pub use handles::{
-    BackendMetrics, BackendShard, DECISION_SAMPLE, Generated, GlobalShard, HealthMetrics, LastCheck, RetryReason,
-    RouteMetrics, RouteShard, UpstreamMetrics, UpstreamShard, control, global, now_ms,
+    BackendMetrics, BackendShard, Closed, DECISION_SAMPLE, Generated, GlobalShard, HealthMetrics, LastCheck,
+    RetryReason, RouteMetrics, RouteShard, UpstreamMetrics, UpstreamShard, control, global, now_ms,
 };
 
 /// Upper bounds of latency histogram buckets, in seconds (+Inf is implicit).

@@ -93,6 +93,8 @@ pub struct Forwarding<'a> {
     pub upgrade: Option<&'a HeaderValue>,
     /// The request's trace: its `traceparent` replaces the client's.
     pub trace: &'a Trace,
+    /// The client connected over TLS: `X-Forwarded-Proto: https`.
+    pub https: bool,
 }
 
 /// The headers a backend gets, built in one pass over the client's: hop-by-hop headers
@@ -135,7 +137,7 @@ pub fn for_backend(client: &HeaderMap, fwd: &Forwarding<'_>, fallback_host: impl
         }
     };
     out.insert(X_FORWARDED_FOR, xff);
-    out.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    out.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if fwd.https { "https" } else { "http" }));
     // The host the request was routed by: the request target's authority (absolute-form,
     // or HTTP/2 `:authority`) wins over `Host` (RFC 9112 §3.2.2, RFC 9113 §8.3.1).
     let host = match (fwd.authority, out.get(header::HOST)) {
@@ -213,7 +215,7 @@ mod tests {
 
     fn forwarding<'a>(ip: &'a HeaderValue, id: &'a HeaderValue) -> Forwarding<'a> {
         static TRACE: std::sync::LazyLock<Trace> = std::sync::LazyLock::new(|| Trace::from_client(&HeaderMap::new()));
-        Forwarding { client_ip: ip, authority: None, request_id: id, upgrade: None, trace: &TRACE }
+        Forwarding { client_ip: ip, authority: None, request_id: id, upgrade: None, trace: &TRACE, https: false }
     }
 
     #[test]

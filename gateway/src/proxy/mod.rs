@@ -36,12 +36,20 @@ pub struct ClientConn {
     pub peer: SocketAddr,
     /// Its IP as a header value, for `X-Forwarded-For`.
     ip: http::HeaderValue,
+    /// It came over TLS (`X-Forwarded-Proto: https`).
+    pub https: bool,
 }
 
 impl ClientConn {
-    /// Describes the connection from `peer`.
+    /// Describes the (plaintext) connection from `peer`.
     pub fn new(peer: SocketAddr) -> Self {
-        ClientConn { peer, ip: headers::ip_value(peer.ip()) }
+        ClientConn { peer, ip: headers::ip_value(peer.ip()), https: false }
+    }
+
+    /// The same, for a connection that came over TLS.
+    pub fn tls(mut self) -> Self {
+        self.https = true;
+        self
     }
 }
 
@@ -231,6 +239,7 @@ impl Proxy {
             request_id: outcome.trace.request_id(),
             upgrade: upgrade.as_ref(),
             trace: &outcome.trace,
+            https: conn.https,
         };
         let peer = conn.peer;
         let body = if incoming.is_end_stream() {
