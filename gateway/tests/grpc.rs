@@ -304,5 +304,9 @@ upstreams:
     // Sequential calls afterwards reuse those connections: no new ones.
     let report = client(&py, gw.addr, &["unary", "20"]);
     assert_eq!(count(&report, "s1"), 20, "{report}");
-    assert!(established_to(server.port) <= 3, "connections reused");
+    // (A connection the server closed may linger in the kernel for a moment.)
+    let settled = util::poll_until(Duration::from_secs(3), Duration::from_millis(50), || {
+        (established_to(server.port) <= 3).then_some(())
+    });
+    assert!(settled.is_some(), "connections not reused: {} open to the backend", established_to(server.port));
 }
