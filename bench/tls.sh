@@ -71,7 +71,7 @@ start 0 nginx -p "$run" -c "$run/backends.conf"
 cat >"$run/haproxy.cfg" <<EOF
 global
   nbthread 1
-  maxconn 20000
+  maxconn 8000
   tune.ssl.default-dh-param 2048
   ssl-default-bind-options ssl-min-ver TLSv1.2
 defaults

@@ -7,6 +7,7 @@ pub mod access_log;
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod debounce;
 pub mod demo;
 pub mod gateway;
 pub mod health;

@@ -143,19 +143,8 @@ pub fn watch(gw: Arc<Gateway>, stop: CancellationToken) {
             return;
         }
         tracing::info!(file = %path.display(), "watching the config file: changes are applied live (SIGHUP or POST /api/reload also reload it)");
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                ev = rx.recv() => if ev.is_none() { return },
-            }
-            // Debounce: wait until the file has been quiet for a moment.
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(DEBOUNCE) => break,
-                    ev = rx.recv() => if ev.is_none() { return },
-                }
-            }
+        // Each change, once the file has been quiet for a moment.
+        while crate::debounce::next_quiet(&mut rx, &stop, DEBOUNCE).await {
             if !path.exists() {
                 tracing::warn!(file = %path.display(), "config file removed: the running config keeps serving");
                 continue;

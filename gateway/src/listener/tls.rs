@@ -257,18 +257,7 @@ pub fn watch(stores: Vec<Arc<CertStore>>, stop: CancellationToken) {
     }
     tokio::spawn(async move {
         let _watcher = watcher;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                ev = rx.recv() => if ev.is_none() { return },
-            }
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(DEBOUNCE) => break,
-                    ev = rx.recv() => if ev.is_none() { return },
-                }
-            }
+        while crate::debounce::next_quiet(&mut rx, &stop, DEBOUNCE).await {
             for store in &stores {
                 let files: Vec<String> = store.files.iter().map(|f| f.cert.display().to_string()).collect();
                 match store.reload() {
