@@ -46,16 +46,18 @@ fi
 echo "python $(python3 --version | cut -d' ' -f2), node $(node --version), npm $(npm --version), $(chromium --version 2>/dev/null)," \
   "prometheus $(prometheus --version 2>&1 | head -1 | cut -d' ' -f3)"
 
-# gateway/tests/grpc.rs drives real gRPC servers and clients (Python grpcio, pinned) from
-# a venv cached in ~/.cache/gateway-test-venv (under CI the test fails without it).
-step "gRPC test venv (grpcio)"
+# gateway/tests/grpc.rs drives real gRPC servers and clients (Python grpcio, pinned) and
+# gateway/tests/rapid_reset.rs a raw HTTP/2 client (Python h2), from a venv cached in
+# ~/.cache/gateway-test-venv (under CI those tests fail without it).
+step "test venv (grpcio, h2)"
 GRPCIO_VERSION=1.85.3
+H2_VERSION=4.3.0
 venv="$HOME/.cache/gateway-test-venv"
-if ! "$venv/bin/python" -c "import grpc, sys; sys.exit(grpc.__version__ != '$GRPCIO_VERSION')" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import grpc, h2, sys; sys.exit(grpc.__version__ != '$GRPCIO_VERSION' or h2.__version__ != '$H2_VERSION')" 2>/dev/null; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q "grpcio==$GRPCIO_VERSION"
+  "$venv/bin/pip" install -q "grpcio==$GRPCIO_VERSION" "h2==$H2_VERSION"
 fi
-echo "grpcio $("$venv/bin/python" -c 'import grpc; print(grpc.__version__)')"
+echo "grpcio $("$venv/bin/python" -c 'import grpc; print(grpc.__version__)'), h2 $("$venv/bin/python" -c 'import h2; print(h2.__version__)')"
 
 # Pinned componentize-py / componentize-js (cached in ~/.cache/gateway-guest-tools), then
 # the Python, JavaScript and Rust guest plugins into target/guest-plugins/, which
