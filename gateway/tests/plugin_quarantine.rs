@@ -167,3 +167,18 @@ fn a_plugin_that_hangs_in_pool_changed_after_a_pool_change_stalls_no_request() {
     }
     assert!(upstream(&gw)["plugin"]["quarantined_for_ms"].is_null());
 }
+
+#[test]
+fn a_plugin_that_eats_memory_is_stopped_at_its_limit_and_the_log_says_so() {
+    let dir = TempDir::new();
+    dir.copy(&test_plugin("spin"), "hog.wasm");
+    let (b1, b2) = (Backend::new("backend-1"), Backend::new("backend-2"));
+    let config = dir.write("gw.yaml", yaml(&[&b1, &b2], "hog", "{ in: pick-memory }", "memory_limit_mib: 16"));
+    let mut gw = Gateway::with_config(&config, dir.path());
+    // Every request is still answered, by the fallback.
+    serve(&gw, &[&b1, &b2], 10, Duration::from_secs(2));
+    let line = gw.wait_for_log(Duration::from_secs(5), |l| message(l).starts_with("plugin call failed"));
+    let text = message(&line);
+    assert!(text.contains("pick: memory limit of 16 MiB reached"), "{line}");
+    assert!(gw.is_running());
+}

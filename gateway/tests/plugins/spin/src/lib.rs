@@ -1,7 +1,8 @@
 //! Test plugin that loops forever; only the gateway's deadline stops it. Where, by params:
 //! - `{}` (default): in `pick`;
 //! - `{"in": "pool-changed"}`: in every `pool-changed` (it then picks in turn);
-//! - `{"in": "pool-changed-when-degraded"}`: in `pool-changed` while any backend is down.
+//! - `{"in": "pool-changed-when-degraded"}`: in `pool-changed` while any backend is down;
+//! - `{"in": "pick-memory"}`: in `pick`, allocating memory until the limit stops it.
 use gateway_sdk::{Backend, Decision, Request, Strategy, host};
 
 #[derive(Default)]
@@ -17,6 +18,7 @@ enum Mode {
     Pick,
     PoolChanged,
     WhenDegraded,
+    PickMemory,
 }
 
 fn spin() {
@@ -31,7 +33,9 @@ fn spin() {
 
 impl Strategy for Spin {
     fn configure(&mut self, params: &str) -> Result<(), String> {
-        self.mode = if params.contains("\"pool-changed-when-degraded\"") {
+        self.mode = if params.contains("\"pick-memory\"") {
+            Mode::PickMemory
+        } else if params.contains("\"pool-changed-when-degraded\"") {
             Mode::WhenDegraded
         } else if params.contains("\"pool-changed\"") {
             Mode::PoolChanged
@@ -50,6 +54,12 @@ impl Strategy for Spin {
     }
 
     fn pick(&mut self, _req: &dyn Request, _exclude: &[u32]) -> Decision {
+        if self.mode == Mode::PickMemory {
+            let mut hog: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hog.push(std::hint::black_box(vec![1u8; 1 << 20]));
+            }
+        }
         if self.mode == Mode::Pick || self.healthy.is_empty() {
             spin();
             return Decision::backend(0);
