@@ -28,20 +28,8 @@ cleanup() {
 trap cleanup EXIT
 
 # Three nginx backends answering a short body, keep-alive on.
-cat >"$run/backends.conf" <<EOF
-daemon off;
-worker_processes 1;
-pid $run/nginx.pid;
-error_log $run/nginx-error.log;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:19301; return 200 "backend-1\n"; }
-  server { listen 127.0.0.1:19302; return 200 "backend-2\n"; }
-  server { listen 127.0.0.1:19303; return 200 "backend-3\n"; }
-}
-EOF
+source bench/nginx-backends.sh
+nginx_backends_conf "$run" 19301 19302 19303 >/dev/null
 nginx -p "$run" -c "$run/backends.conf" &
 pids+=($!)
 sleep 0.5

@@ -52,20 +52,8 @@ openssl x509 -req -in "$run/leaf.csr" -CA "$run/ca.pem" -CAkey "$run/ca.sec1" -C
   -sha256 -extfile "$run/leaf.ext" -out "$run/leaf.pem" 2>/dev/null
 cat "$run/leaf.pem" "$run/leaf.key" >"$run/haproxy.pem"
 
-cat >"$run/backends.conf" <<EOF
-daemon off;
-worker_processes 1;
-pid $run/nginx.pid;
-error_log $run/nginx-error.log;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:19401; return 200 "backend-1\n"; }
-  server { listen 127.0.0.1:19402; return 200 "backend-2\n"; }
-  server { listen 127.0.0.1:19403; return 200 "backend-3\n"; }
-}
-EOF
+source bench/nginx-backends.sh
+nginx_backends_conf "$run" 19401 19402 19403 >/dev/null
 start 0 nginx -p "$run" -c "$run/backends.conf"
 
 cat >"$run/haproxy.cfg" <<EOF

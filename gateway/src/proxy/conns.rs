@@ -394,17 +394,14 @@ impl Conns {
         transport: &Transport,
         timeout: Duration,
     ) -> Result<http1::SendRequest<AttemptBody>, SendError> {
-        let within = async {
+        within(timeout, async {
             let addr = backend.addr;
             match dial(backend, transport).await? {
                 Stream::Tcp(s) => handshake_h1(&self.h1, s, addr).await,
                 Stream::Tls(s) => handshake_h1(&self.h1, s, addr).await,
             }
-        };
-        match tokio::time::timeout(timeout, within).await {
-            Ok(r) => r,
-            Err(_) => Err(SendError::Connect(format!("no connection within {timeout:?}"))),
-        }
+        })
+        .await
     }
 
     async fn connect_h2(
@@ -413,7 +410,7 @@ impl Conns {
         transport: &Transport,
         timeout: Duration,
     ) -> Result<http2::SendRequest<AttemptBody>, SendError> {
-        let within = async {
+        within(timeout, async {
             let addr = backend.addr;
             match dial(backend, transport).await? {
                 Stream::Tcp(s) => handshake_h2(&self.h2, s, addr).await,
@@ -425,11 +422,17 @@ impl Conns {
                     handshake_h2(&self.h2, s, addr).await
                 }
             }
-        };
-        match tokio::time::timeout(timeout, within).await {
-            Ok(r) => r,
-            Err(_) => Err(SendError::Connect(format!("no connection within {timeout:?}"))),
-        }
+        })
+        .await
+    }
+}
+
+/// `connect` bounded by `timeout`: a connection (TCP, TLS, HTTP handshake) not made in
+/// time is a connect failure, safe to retry on another backend.
+async fn within<T>(timeout: Duration, connect: impl Future<Output = Result<T, SendError>>) -> Result<T, SendError> {
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(r) => r,
+        Err(_) => Err(SendError::Connect(format!("no connection within {timeout:?}"))),
     }
 }
 
