@@ -204,7 +204,7 @@ impl Gateway {
         new.metrics = self.config.metrics.clone();
         let old = self.view();
         let version = self.config_state().version + 1;
-        let view = build_view(&new, version, &self.plugins, Some(&old)).map_err(|e| format!("{e:#}"))?;
+        let view = build_view(&new, version, &self.plugins, Some(&old)).map_err(|e| located(path, &new, e))?;
         let changes = diff(&old, &view, before.as_ref().unwrap_or(&self.config), &file);
         *self.file_config.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
         let upstreams: Vec<&str> = view.upstreams.iter().map(|u| u.name.as_str()).collect();
@@ -213,6 +213,26 @@ impl Gateway {
         self.proxy.view.store(Arc::new(view));
         Ok((changes, version))
     }
+}
+
+/// A build error with the file, line and field it comes from, where it has one.
+fn located(path: &std::path::Path, config: &Config, e: anyhow::Error) -> String {
+    use crate::upstream::BuildError;
+    let (name, field, needle) = match e.downcast_ref::<BuildError>() {
+        Some(BuildError::Plugin { upstream, .. }) => {
+            let plugin = config.upstreams.get(upstream).map(|u| u.strategy.plugin.clone()).unwrap_or_default();
+            (upstream, format!("upstreams.{upstream}.strategy"), plugin)
+        }
+        Some(BuildError::Resolve { upstream, address, .. }) => {
+            (upstream, format!("upstreams.{upstream}.backends"), address.clone())
+        }
+        Some(BuildError::DuplicateId { upstream, id }) => {
+            (upstream, format!("upstreams.{upstream}.backends"), id.clone())
+        }
+        Some(BuildError::Transport { upstream, .. }) => (upstream, format!("upstreams.{upstream}"), "tls".to_owned()),
+        _ => return format!("{e:#}"),
+    };
+    config::locate(path, name, &field, &needle, format!("{e:#}")).to_string()
 }
 
 /// Builds a view from `config`, reusing from `previous` what a reload left unchanged.

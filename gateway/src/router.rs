@@ -262,4 +262,57 @@ mod tests {
         assert_eq!(strip_port("[::1]:80"), "::1");
         assert_eq!(strip_port("example.com"), "example.com");
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Paths made of the pieces that matter: dots, encoded dots and slashes, slashes.
+        fn path() -> impl Strategy<Value = String> {
+            prop::collection::vec(
+                prop_oneof!["/", "\\.", "\\.\\.", "%2e", "%2E", "%2f", "%5c", "%", "[a-z]{1,3}", "%41"],
+                0..12,
+            )
+            .prop_map(|parts| format!("/{}", parts.concat()))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2048))]
+
+            /// A normalized path starts with `/`, has no dot-segment or encoded dot left, and
+            /// normalizing it again changes nothing; a refused one had an encoded slash.
+            #[test]
+            fn normalized_paths_are_normal_and_stable(p in path()) {
+                match normalize_path(&p) {
+                    Ok(n) => {
+                        prop_assert!(n.starts_with('/'), "{p:?} -> {n:?}");
+                        prop_assert!(!has_dot_segment(&n), "{p:?} -> {n:?} keeps a dot segment");
+                        prop_assert!(!n.to_ascii_lowercase().contains("%2e"), "{p:?} -> {n:?}");
+                        prop_assert_eq!(normalize_path(&n).unwrap(), n.clone());
+                    }
+                    Err(PathError::EncodedSlash) => {
+                        let lower = p.to_ascii_lowercase();
+                        prop_assert!(lower.contains("%2f") || lower.contains("%5c"), "{p:?}");
+                    }
+                    Err(e) => prop_assert!(false, "{p:?}: {e}"),
+                }
+            }
+
+            /// Any bytes at all: no panic, and a refusal only for a real reason.
+            #[test]
+            fn any_path_is_normalized_or_refused_without_panicking(p in "\\PC{0,40}") {
+                if let Ok(n) = normalize_path(&p) {
+                    prop_assert!(p == "*" || !p.starts_with('/') || n.starts_with('/'));
+                }
+            }
+
+            /// A prefix matches whole segments only.
+            #[test]
+            fn a_prefix_matches_whole_segments(prefix in "/[a-z]{1,4}", rest in "[a-z/?]{0,6}") {
+                let path = format!("{prefix}{rest}");
+                let expected = rest.is_empty() || rest.starts_with('/') || rest.starts_with('?');
+                prop_assert_eq!(prefix_matches(&prefix, &path), expected, "{} under {}", path, prefix);
+            }
+        }
+    }
 }

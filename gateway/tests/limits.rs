@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use util::{Backend, Gateway, KeepAlive, TempDir, get, request_with_headers, rt};
+use util::{Backend, Gateway, KeepAlive, TempDir, get, report, request_with_headers, rt};
 
 fn start(backend: &Backend, limits: &str) -> (TempDir, Gateway) {
     let dir = TempDir::new();
@@ -97,6 +97,16 @@ fn slowloris_connections_are_closed_after_the_header_timeout_while_others_are_se
     assert!(p95 < Duration::from_millis(50), "p95 {p95:?} (max {max:?}) during the attack");
     let (first, last) = (closed.iter().min().unwrap(), closed.iter().max().unwrap());
     eprintln!("slowloris connections closed between {first:?} and {last:?}");
+    report::record(
+        "http-abuse",
+        serde_json::json!({
+            "case": "slowloris: 300 connections sending one head byte a second (header_timeout 2s)",
+            "client_got": format!("closed after {:.1}-{:.1} s", first.as_secs_f64(), last.as_secs_f64()),
+            "backend_got": "nothing",
+            "rss_kib_after": gw.rss_kib(),
+            "normal_client_ms": p95.as_secs_f64() * 1e3,
+        }),
+    );
     assert!(*first >= Duration::from_millis(1900), "closed before the 2s header timeout: {first:?}");
     assert!(*last <= Duration::from_millis(4500), "a slowloris connection lasted {last:?}");
     let counted = metric(&gw, "gateway_connections_closed_total{reason=\"header_timeout\"}");

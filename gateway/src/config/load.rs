@@ -15,6 +15,14 @@ pub enum ConfigError {
         /// The OS error.
         error: std::io::Error,
     },
+    /// The file is larger than any real config ([`MAX_CONFIG_BYTES`]); not parsed.
+    #[error("{path}: the file is {size} bytes; a config may be at most {max} bytes (is it the right file?)", max = MAX_CONFIG_BYTES)]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
     /// The YAML is malformed, a field has the wrong type, is unknown, or is missing.
     #[error("{}: {field}: {message}", at(path, *line, *column))]
     Invalid {
@@ -48,13 +56,26 @@ pub fn peek_log_format(path: &Path) -> Option<LogFormat> {
         #[serde(default)]
         log_format: Option<LogFormat>,
     }
+    if std::fs::metadata(path).ok()?.len() > MAX_CONFIG_BYTES {
+        return None;
+    }
     let text = std::fs::read_to_string(path).ok()?;
     serde_yaml::from_str::<Peek>(&text).ok()?.log_format
 }
 
+/// The largest config file read: a real one is a few KiB (10,000 backends written out are
+/// about 1 MiB). A larger file is refused before it is read, so replacing the config by
+/// something huge costs neither the memory nor the parse.
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
 /// Reads and validates the config file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.into(), error })?;
+    let read_err = |error| ConfigError::Read { path: path.into(), error };
+    let size = std::fs::metadata(path).map_err(read_err)?.len();
+    if size > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge { path: path.into(), size });
+    }
+    let text = std::fs::read_to_string(path).map_err(read_err)?;
     from_yaml(path, &text)
 }
 
@@ -312,6 +333,16 @@ fn check_address(b: &Backend) -> Result<(), String> {
 }
 
 /// 1-based number of the first line containing `needle`.
+/// An error found after the file was read (a plugin that does not load, an address that
+/// does not resolve), located like the loader's own: the line of `field`'s section that
+/// holds `needle` (searched from the line that names `section`, e.g. the upstream).
+pub fn locate(path: &Path, section: &str, field: &str, needle: &str, message: String) -> ConfigError {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let start = line_of(&text, &format!("{section}:")).unwrap_or(1);
+    let line = text.lines().skip(start - 1).position(|l| l.contains(needle)).map(|i| i + start);
+    ConfigError::Invalid { path: path.into(), line, column: None, field: field.into(), message }
+}
+
 fn line_of(text: &str, needle: &str) -> Option<usize> {
     text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
 }

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use load::{ConfigError, from_yaml, load, peek_log_format, validate};
+pub use load::{ConfigError, MAX_CONFIG_BYTES, from_yaml, load, locate, peek_log_format, validate};
 
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -125,7 +125,18 @@ pub fn for_backend(client: &HeaderMap, fwd: &Forwarding<'_>, fallback_host: impl
         if name == TRACEPARENT {
             continue;
         }
-        has_request_id |= name == X_REQUEST_ID;
+        if name == header::HOST && out.contains_key(header::HOST) {
+            // One Host, the one the request was routed by (the first); the proxy refuses
+            // HTTP/1.1 requests with several, this keeps any other path safe too.
+            continue;
+        }
+        if name == X_REQUEST_ID {
+            // One id per request: the client's first non-empty one, else the gateway's.
+            if has_request_id || value.is_empty() {
+                continue;
+            }
+            has_request_id = true;
+        }
         out.append(name.clone(), value.clone());
     }
     let xff = match earlier_xff {
@@ -330,5 +341,71 @@ mod tests {
         untouched.insert("x-keep", HeaderValue::from_static("1"));
         remove_hop_by_hop(&mut untouched);
         assert_eq!(untouched.len(), 1);
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Header names a client might send: hop-by-hop ones, forwarding ones, and others.
+        fn name() -> impl Strategy<Value = HeaderName> {
+            prop_oneof![
+                prop::sample::select(HOP_BY_HOP.to_vec()),
+                Just(header::HOST),
+                Just(X_FORWARDED_FOR),
+                Just(X_REQUEST_ID),
+                Just(TRACEPARENT),
+                "x-[a-z]{1,3}".prop_map(|n| HeaderName::from_bytes(n.as_bytes()).unwrap()),
+            ]
+        }
+
+        /// Values, including `Connection` token lists that name other headers.
+        fn value() -> impl Strategy<Value = HeaderValue> {
+            prop_oneof![
+                "[ -~]{0,20}".prop_map(|v| HeaderValue::from_str(&v).unwrap()),
+                prop::collection::vec("(keep-alive|close|upgrade|x-[a-z]{1,3}|te)", 1..4)
+                    .prop_map(|t| HeaderValue::from_str(&t.join(", ")).unwrap()),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Whatever the client sends, the backend gets no hop-by-hop header and none that
+            /// `Connection` names, exactly one `Host`, `X-Forwarded-For` (ending with the
+            /// client), `traceparent` and `X-Request-Id`, and every other header unchanged.
+            #[test]
+            fn backend_headers_hold_their_invariants(sent in prop::collection::vec((name(), value()), 0..24), with_authority: bool) {
+                let mut client = HeaderMap::new();
+                for (n, v) in &sent {
+                    client.append(n.clone(), v.clone());
+                }
+                let (ip, id) = (ip_value("192.0.2.9".parse().unwrap()), HeaderValue::from_static("ours"));
+                let authority = HeaderValue::from_static("target.example");
+                let fwd = Forwarding { authority: with_authority.then_some(&authority), ..forwarding(&ip, &id) };
+                let out = for_backend(&client, &fwd, || HeaderValue::from_static("backend:1"));
+                let listed = connection_listed(&client);
+                for (n, _) in &out {
+                    prop_assert!(hop_by_hop_index(n).is_none(), "{n} forwarded");
+                    prop_assert!(!listed.contains(n), "{n} is listed in Connection but forwarded");
+                }
+                for one in [header::HOST, X_FORWARDED_FOR, TRACEPARENT, X_REQUEST_ID, X_FORWARDED_HOST] {
+                    prop_assert_eq!(out.get_all(&one).iter().count(), 1, "{}", one);
+                }
+                prop_assert!(out[&X_FORWARDED_FOR].as_bytes().ends_with(b"192.0.2.9"));
+                if with_authority {
+                    prop_assert_eq!(&out[header::HOST], "target.example");
+                }
+                let first_id = client.get_all(&X_REQUEST_ID).iter().find(|v| !v.is_empty());
+                prop_assert_eq!(&out[&X_REQUEST_ID], first_id.unwrap_or(&id));
+                for (n, v) in &client {
+                    let kept = hop_by_hop_index(n).is_none() && !listed.contains(n)
+                        && ![header::HOST, X_FORWARDED_FOR, TRACEPARENT, X_REQUEST_ID].contains(n);
+                    if kept {
+                        prop_assert!(out.get_all(n).iter().any(|o| o == v), "{n}: {v:?} lost");
+                    }
+                }
+            }
+        }
     }
 }

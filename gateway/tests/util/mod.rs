@@ -18,7 +18,9 @@ mod certs;
 mod chromium;
 mod client;
 mod gateway;
+pub mod report;
 mod temp;
+mod traffic;
 mod tunable;
 
 pub use backend::{BIG_BYTES, Backend, Hit};
@@ -28,6 +30,7 @@ pub use chromium::Chromium;
 pub use client::{Download, KeepAlive, Reply, download, get, get_h2c, request, request_with_headers, try_get, upload};
 pub use gateway::{CliOutput, Gateway, message, run_cli, run_cli_with_env};
 pub use temp::TempDir;
+pub use traffic::{Traffic, install};
 pub use tunable::TunableBackend;
 
 use bytes::Bytes;

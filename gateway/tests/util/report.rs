@@ -1,0 +1,22 @@
+//! Figures for `docs/reliability.md`: a suite test records one row per scenario; with
+//! `GATEWAY_RELIABILITY_REPORT=FILE` set (scripts/reliability.sh sets it) each row is
+//! appended to FILE as one JSON line, and it is always printed (`--nocapture` shows it).
+
+use serde_json::Value;
+use std::io::Write;
+
+/// Records one row of the suite `suite` (a table in docs/reliability.md).
+pub fn record(suite: &str, row: Value) {
+    let mut line = serde_json::json!({ "suite": suite });
+    if let (Some(obj), Value::Object(fields)) = (line.as_object_mut(), row) {
+        obj.extend(fields);
+    }
+    eprintln!("reliability row: {line}");
+    let Some(path) = std::env::var_os("GATEWAY_RELIABILITY_REPORT") else { return };
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", std::path::Path::new(&path).display()));
+    writeln!(file, "{line}").expect("write a report row");
+}
