@@ -29,6 +29,7 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 /// The client end of one connection, shared by its requests.
@@ -308,23 +309,27 @@ impl Proxy {
                 upstream.retry_budget.request(second);
             }
             let timeouts = &upstream.timeouts;
-            let exchange = tokio::time::timeout(
+            // Pinned where it is built: the exchange future is large, and moving it
+            // into another future would copy it on every request.
+            let mut exchange = std::pin::pin!(tokio::time::timeout(
                 timeouts.response_header,
                 conns.send(entry, &upstream.transport, attempt, timeouts.connect),
-            );
+            ));
             // A request safe to send again also listens for its backend going down
             // (health check, ejection): then it goes to another backend at once instead
             // of waiting out its timeout on a frozen one.
             let result = if idempotent && body.replayable() && outcome.attempts < upstream.retries.attempts {
-                let down = entry.down.notified();
+                let mut down = std::pin::pin!(entry.down.notified());
                 if entry.down.is_down() {
                     Ok(Err(conns::SendError::BackendDown))
                 } else {
-                    tokio::select! {
-                        biased;
-                        r = exchange => r,
-                        _ = down => Ok(Err(conns::SendError::BackendDown)),
-                    }
+                    std::future::poll_fn(|cx| {
+                        if let Poll::Ready(r) = exchange.as_mut().poll(cx) {
+                            return Poll::Ready(r);
+                        }
+                        down.as_mut().poll(cx).map(|()| Ok(Err(conns::SendError::BackendDown)))
+                    })
+                    .await
                 }
             } else {
                 exchange.await
