@@ -501,3 +501,26 @@ fn running_out_of_file_descriptors_is_the_gateways_problem_not_the_backends() {
     );
     assert!(warnings <= 3, "{warnings} accept warnings");
 }
+
+#[test]
+fn a_request_whose_backend_goes_down_with_no_other_to_go_to_keeps_waiting_for_its_answer() {
+    let _serial = serial();
+    // Health checks that always fail (the backend answers 200, `expect_status` wants 5xx):
+    // the only backend is marked down about 2 s after the start, while a 3 s request is
+    // in flight on it. There is nowhere to retry it, so it gets the backend's answer.
+    let only = Backend::new("only");
+    let dir = TempDir::new();
+    let gw = start(
+        &dir,
+        &format!(
+            "listeners: [{{address: 127.0.0.1:0}}]\nthreads: 1\nupstreams:\n  web:\n    health_check: {{path: /healthz, expect_status: [500, 599], interval: 1s, fall: 3}}\n    backends:\n{}",
+            backend_list(&[("only".into(), only.addr())])
+        ),
+    );
+    let started = Instant::now();
+    let (status, body) = get(gw.addr, "/delay/3000");
+    let took = started.elapsed();
+    assert_eq!((status, body.as_str()), (200, "only"), "the answer after {took:?}");
+    let down = gw.wait_for_log(Duration::from_secs(1), |l| message(l).starts_with("backend is down"));
+    assert!(took >= Duration::from_secs(3), "answered after {took:?}; {down}");
+}

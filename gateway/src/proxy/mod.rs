@@ -317,17 +317,25 @@ impl Proxy {
             ));
             // A request safe to send again also listens for its backend going down
             // (health check, ejection): then it goes to another backend at once instead
-            // of waiting out its timeout on a frozen one.
+            // of waiting out its timeout on a frozen one. With no other backend to go
+            // to, it keeps waiting (the backend may still answer).
             let result = if idempotent && body.replayable() && outcome.attempts < upstream.retries.attempts {
                 let mut down = std::pin::pin!(entry.down.notified());
-                if entry.down.is_down() {
+                let mut listening = true;
+                if entry.down.is_down() && another_backend(upstream, &tried) {
                     Ok(Err(conns::SendError::BackendDown))
                 } else {
                     std::future::poll_fn(|cx| {
                         if let Poll::Ready(r) = exchange.as_mut().poll(cx) {
                             return Poll::Ready(r);
                         }
-                        down.as_mut().poll(cx).map(|()| Ok(Err(conns::SendError::BackendDown)))
+                        if listening && down.as_mut().poll(cx).is_ready() {
+                            if another_backend(upstream, &tried) {
+                                return Poll::Ready(Ok(Err(conns::SendError::BackendDown)));
+                            }
+                            listening = false;
+                        }
+                        Poll::Pending
                     })
                     .await
                 }
@@ -467,6 +475,13 @@ impl Proxy {
             self.reporter.eject(&upstream.name, &entry.id, reason);
         }
     }
+}
+
+/// Whether the upstream has a healthy backend this request has not tried yet (read
+/// only when its backend went down).
+fn another_backend(upstream: &Upstream, tried: &[u32]) -> bool {
+    let pool = upstream.pool.load();
+    pool.members.iter().enumerate().any(|(i, m)| m.status.healthy() && !tried.contains(&(i as u32)))
 }
 
 /// Copies bytes both ways between an upgraded client connection and the backend's,
