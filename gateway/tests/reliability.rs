@@ -464,7 +464,10 @@ fn running_out_of_file_descriptors_is_the_gateways_problem_not_the_backends() {
 
     // 460 idle clients: more than the descriptors the gateway has.
     let idle: Vec<std::net::TcpStream> = (0..460)
-        .map(|i| std::net::TcpStream::connect(gw.addr).unwrap_or_else(|e| panic!("idle client {i}: {e}")))
+        .map(|i| {
+            std::net::TcpStream::connect_timeout(&gw.addr, Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("idle client {i}: {e}"))
+        })
         .collect();
     std::thread::sleep(Duration::from_secs(3));
     let reply = early.get("/").expect("the early client is still served");
