@@ -32,6 +32,8 @@ command -v prometheus >/dev/null || missing+=(prometheus)
 command -v curl >/dev/null || missing+=(curl)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v h2load >/dev/null || missing+=(nghttp2-client)
+# gateway/tests/reliability.rs starts the gateway under a low open-file limit.
+command -v prlimit >/dev/null || missing+=(util-linux)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"

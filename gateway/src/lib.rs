@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod debounce;
 pub mod demo;
+pub mod fds;
 pub mod gateway;
 pub mod health;
 pub mod listener;

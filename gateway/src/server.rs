@@ -17,6 +17,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// The accept loop's first pause after a failed `accept`; it doubles while they fail.
+const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
+/// The longest pause.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
 /// Binds `count` listening sockets to `addr` with `SO_REUSEPORT`, so the kernel spreads
 /// connections over the workers. Port 0 picks one port for all of them.
 pub fn bind(addr: SocketAddr, count: usize) -> anyhow::Result<Vec<std::net::TcpListener>> {
@@ -46,6 +51,9 @@ pub fn run(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let threads = gw.config.worker_threads();
+    let max_connections =
+        gw.config.listeners.iter().fold(0usize, |sum, l| sum.saturating_add(l.limits.max_connections));
+    crate::fds::init(max_connections);
     let mut per_worker: Vec<Vec<(std::net::TcpListener, Arc<Listener>)>> = (0..threads).map(|_| Vec::new()).collect();
     let mut cert_stores = Vec::new();
     for l in &gw.config.listeners {
@@ -238,6 +246,8 @@ fn worker(
             };
             let (tx, stop) = (conn_tx.clone(), stop.clone());
             tokio::spawn(async move {
+                let mut throttle = crate::fds::Throttle::new(Duration::from_secs(10));
+                let mut backoff = MIN_ACCEPT_BACKOFF;
                 loop {
                     let accepted = tokio::select! {
                         _ = stop.cancelled() => return,
@@ -245,6 +255,7 @@ fn worker(
                     };
                     match accepted {
                         Ok((mut stream, peer)) => {
+                            backoff = MIN_ACCEPT_BACKOFF;
                             // At `max_connections`, this connection waits for a slot and
                             // the loop stops accepting: the next ones wait in the kernel's
                             // backlog until one of this listener's connections ends. (A
@@ -274,9 +285,23 @@ fn worker(
                             }
                         }
                         Err(e) => {
-                            // EMFILE and friends: back off instead of spinning.
-                            tracing::warn!("accept failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            // Out of descriptors (EMFILE, ENFILE) and friends: back off
+                            // instead of spinning, longer while it lasts, and say so at
+                            // most every 10 s.
+                            let exhausted = crate::fds::is_exhausted(&e);
+                            if exhausted {
+                                metrics::global().local().accept_out_of_descriptors.inc();
+                            }
+                            if let Some(left_out) = throttle.allow() {
+                                if exhausted {
+                                    tracing::warn!(address = %settings.address, repeated = left_out, "accept failed: {e}; the gateway is out of file descriptors, backing off (raise the open-file limit or lower max_connections)");
+                                } else {
+                                    tracing::warn!(address = %settings.address, repeated = left_out, "accept failed: {e}");
+                                }
+                            }
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+                            continue;
                         }
                     }
                 }

@@ -22,6 +22,8 @@ pub struct Upstream {
     pub selector: Arc<Selector>,
     /// Retry policy.
     pub retries: config::Retries,
+    /// How many retries may add to the requests (counted per worker, read on a retry).
+    pub retry_budget: crate::proxy::RetryBudget,
     /// Timeouts towards the backends.
     pub timeouts: config::Timeouts,
     /// Active health checks.
@@ -154,6 +156,7 @@ impl Upstream {
             pool: Pool::with_members(members),
             selector,
             retries: cfg.retries.clone(),
+            retry_budget: crate::proxy::RetryBudget::new(&cfg.retry_budget),
             timeouts: cfg.timeouts.clone().unwrap_or_else(|| defaults.clone()),
             health_check: cfg.health_check.clone(),
             passive: cfg.passive.clone(),

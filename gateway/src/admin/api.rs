@@ -78,6 +78,7 @@ fn upstream_stats(gw: &Gateway, up: &Upstream) -> Value {
         "healthy": snap.healthy_count,
         "total": snap.members.len(),
         "retries": m.shards.sum(|s| s.retries.iter().map(metrics::Counter::get).sum()),
+        "retries_skipped": m.shards.sum(|s| s.retries_skipped.get()),
         "strategy": {
             "plugin": plugin.name,
             "origin": plugin.origin.to_string(),

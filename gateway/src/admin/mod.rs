@@ -55,13 +55,16 @@ pub async fn serve(
     auth: Arc<Auth>,
     stop: CancellationToken,
 ) {
+    let mut throttle = crate::fds::Throttle::new(std::time::Duration::from_secs(10));
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!("admin accept failed: {e}");
+                    if let Some(left_out) = throttle.allow() {
+                        tracing::warn!(repeated = left_out, "admin accept failed: {e}");
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }

@@ -225,6 +225,24 @@ pub fn validate(config: &Config) -> Result<(), Problem> {
                 "must be at least 1 (1 = no retries)".into(),
             ));
         }
+        if up.passive.max_ejected_percent > 100 {
+            return Err((
+                field("passive.max_ejected_percent"),
+                Some("max_ejected_percent".into()),
+                format!(
+                    "{} is not a percentage: give 0 to 100 (50 = at most half of the backends)",
+                    up.passive.max_ejected_percent
+                ),
+            ));
+        }
+        let rb = &up.retry_budget;
+        if !(rb.ratio.is_finite() && rb.ratio >= 0.0) {
+            return Err((
+                field("retry_budget.ratio"),
+                Some("ratio".into()),
+                format!("{} is not a ratio: give 0 or more (0.2 = retries may add 20% to the requests)", rb.ratio),
+            ));
+        }
         if let Some(path) = &hc.path
             && !path.starts_with('/')
         {
@@ -424,6 +442,25 @@ mod tests {
         assert!(e.starts_with("gw.yaml:3:"), "{e}");
         assert!(e.contains("unknown field `helth_check`, expected one of"), "{e}");
         assert!(e.contains("`health_check`"), "{e}");
+    }
+
+    #[test]
+    fn ejection_percent_and_retry_budget_are_checked_with_their_line() {
+        let e = err(
+            "upstreams:\n  web:\n    passive:\n      max_ejected_percent: 150\n    backends:\n      - address: 127.0.0.1:9001\n",
+        );
+        assert!(e.starts_with("gw.yaml:4:"), "{e}");
+        assert!(e.contains("upstreams.web.passive.max_ejected_percent: 150 is not a percentage"), "{e}");
+        let e =
+            err("upstreams:\n  web:\n    retry_budget: {ratio: -1}\n    backends:\n      - address: 127.0.0.1:9001\n");
+        assert!(e.contains("upstreams.web.retry_budget.ratio: -1 is not a ratio"), "{e}");
+        let c = from_yaml(Path::new("gw.yaml"), "upstreams:\n  web:\n    backends:\n      - address: 127.0.0.1:9001\n")
+            .unwrap();
+        let up = &c.upstreams["web"];
+        assert_eq!(
+            (up.passive.max_ejected_percent, up.retry_budget.ratio, up.retry_budget.min_per_second),
+            (50, 0.2, 10)
+        );
     }
 
     #[test]

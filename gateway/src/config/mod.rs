@@ -223,6 +223,9 @@ pub struct Upstream {
     /// Retries on another backend.
     #[serde(default)]
     pub retries: Retries,
+    /// How many retries may add to the load, on top of the requests themselves.
+    #[serde(default)]
+    pub retry_budget: RetryBudget,
     /// Overrides of the global `timeouts`.
     #[serde(default)]
     pub timeouts: Option<Timeouts>,
@@ -369,6 +372,33 @@ pub struct Passive {
     /// Longest ejection. Default 60s.
     #[serde(default = "default_max_ejection", with = "humantime_serde")]
     pub max_ejection: Duration,
+    /// Most backends passive health may have ejected at once, as a percentage of the
+    /// upstream's backends, the one being ejected included (Envoy's
+    /// `max_ejection_percent`): 50 = at most half; 100 = all. Default 50.
+    #[serde(default = "default_max_ejected_percent")]
+    pub max_ejected_percent: u32,
+}
+
+/// The retry budget of an upstream (Linkerd's and Envoy's idea): over the last
+/// [`RetryBudget::WINDOW_SECS`] seconds, retries may number at most `ratio` times the
+/// requests plus `min_per_second` per second. A retry beyond it is not made (the client
+/// gets the failed attempt's answer) and is counted. Retries after a connect failure,
+/// and of requests whose backend went down while they waited, do not count: they add no
+/// load that the request itself would not have added.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudget {
+    /// Retries allowed per request, on average. Default 0.2.
+    #[serde(default = "default_budget_ratio")]
+    pub ratio: f64,
+    /// Retries per second always allowed, however few requests there are. Default 10.
+    #[serde(default = "default_budget_floor")]
+    pub min_per_second: u32,
+}
+
+impl RetryBudget {
+    /// The sliding window the budget is counted over, in seconds.
+    pub const WINDOW_SECS: u64 = 10;
 }
 
 /// Retry policy.
@@ -531,6 +561,15 @@ fn default_ejection() -> Duration {
 fn default_max_ejection() -> Duration {
     Duration::from_secs(60)
 }
+fn default_max_ejected_percent() -> u32 {
+    50
+}
+fn default_budget_ratio() -> f64 {
+    0.2
+}
+fn default_budget_floor() -> u32 {
+    10
+}
 fn default_attempts() -> u32 {
     3
 }
@@ -593,7 +632,7 @@ macro_rules! default_from_serde {
         }
     )*};
 }
-default_from_serde!(Strategy, HealthCheck, Passive, Retries, Timeouts, Plugins, Admin, Metrics, Limits);
+default_from_serde!(Strategy, HealthCheck, Passive, Retries, RetryBudget, Timeouts, Plugins, Admin, Metrics, Limits);
 
 impl Strategy {
     /// `plugin` with no params.
@@ -672,6 +711,7 @@ impl Upstream {
             health_check: HealthCheck::default(),
             passive: Passive::default(),
             retries: Retries::default(),
+            retry_budget: RetryBudget::default(),
             timeouts: None,
             protocol: Protocol::default(),
             tls: None,

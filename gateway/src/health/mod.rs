@@ -15,7 +15,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use check::probe;
+pub use check::{Failed, probe};
 
 /// Sends passive-health events from the proxy to the health task.
 #[derive(Debug, Clone)]
@@ -90,6 +90,7 @@ async fn check_loop(up: Arc<Upstream>, id: String, addr: std::net::SocketAddr, s
     let mut interval = tokio::time::interval(hc.interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut ok_streak, mut fail_streak) = (0u32, 0u32);
+    let mut local = crate::fds::Throttle::new(std::time::Duration::from_secs(10));
     let Some(entry) = up.pool.load().members.iter().find(|m| m.entry.id == id).map(|m| m.entry.clone()) else {
         return;
     };
@@ -102,6 +103,18 @@ async fn check_loop(up: Arc<Upstream>, id: String, addr: std::net::SocketAddr, s
         let result = tokio::select! {
             _ = stop.cancelled() => return,
             r = check::probe(addr, hc) => r,
+        };
+        let result = match result {
+            // The gateway's own shortage says nothing about the backend: its state and
+            // streaks stay as they were.
+            Err(Failed::Local(reason)) => {
+                if let Some(left_out) = local.allow() {
+                    tracing::warn!(upstream = %up.name, backend = %id, address = %addr, repeated = left_out, "health check not run: {reason}; the gateway is out of file descriptors, the backend keeps its state");
+                }
+                continue;
+            }
+            Err(Failed::Backend(reason)) => Err(reason),
+            Ok(()) => Ok(()),
         };
         entry.metrics.health.record(started.elapsed(), result.as_ref().err().cloned());
         let up_now = up.pool.load().members.iter().find(|m| m.entry.id == id).map(|m| m.status.up);
@@ -148,9 +161,9 @@ struct History {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Verdict {
     /// Ejected for this long (the `n`th ejection in a row).
-    Ejected { duration: std::time::Duration, count: u32 },
-    /// Not ejected: that would leave fewer than half of the backends. Remembered, and
-    /// tried again when another ejection ends (or at the next report).
+    Ejected { duration: std::time::Duration, count: u32, until: Instant },
+    /// Not ejected: that would eject more than `max_ejected_percent` of the backends.
+    /// Remembered, and tried again when another ejection ends (or at the next report).
     Refused {
         /// Refused before already (log it once).
         again: bool,
@@ -160,16 +173,16 @@ enum Verdict {
 }
 
 /// The passive-ejection state of every upstream: ejection history (for the growing
-/// ejection time) and backends refused by the half rule, waiting for room.
+/// ejection time) and backends refused by `max_ejected_percent`, waiting for room.
 #[derive(Default)]
 struct Ejections {
     history: HashMap<(String, String), History>,
-    /// (upstream, backend) refused by the "never more than half" rule.
+    /// (upstream, backend) refused by the `max_ejected_percent` bound.
     refused: std::collections::BTreeSet<(String, String)>,
 }
 
 impl Ejections {
-    /// Ejects `backend` of `upstream` if the half rule allows it.
+    /// Ejects `backend` of `upstream` if `max_ejected_percent` allows it.
     fn consider(
         &mut self,
         upstream: &str,
@@ -187,10 +200,10 @@ impl Ejections {
             self.refused.remove(&key);
             return Verdict::Nothing;
         }
-        // Never eject so many that less than half of the backends are left: passive
-        // signals are noisy; active checks take truly dead backends out.
+        // Passive signals are noisy, and active checks take truly dead backends out:
+        // never eject more than `max_ejected_percent` of the backends, this one counted.
         let ejected = snap.members.iter().filter(|m| m.status.ejected_until.is_some()).count();
-        if (ejected + 1) * 2 > snap.members.len() {
+        if !ejection_allowed(ejected, snap.members.len(), p.max_ejected_percent) {
             let again = !self.refused.insert(key);
             return Verdict::Refused { again };
         }
@@ -206,7 +219,7 @@ impl Ejections {
         if pool.update_status(backend, |s| s.ejected_until = Some(until)).is_none() {
             return Verdict::Nothing;
         }
-        Verdict::Ejected { duration, count: h.count }
+        Verdict::Ejected { duration, count: h.count, until }
     }
 
     /// An ejection in `upstream` ended: the refused backends that are still failing
@@ -232,6 +245,29 @@ impl Ejections {
     }
 }
 
+/// Envoy's rule (`max_ejection_percent`, without `always_eject_one_host`): one more
+/// ejection is allowed when the ejected backends, that one included, are at most
+/// `max_percent` of the `total`. With the default 50, one backend of two or three may be
+/// ejected, two of four; the only backend of an upstream never is (below 100).
+fn ejection_allowed(ejected: usize, total: usize, max_percent: u32) -> bool {
+    (ejected + 1) * 100 <= total * max_percent as usize
+}
+
+/// Ends the ejection that ended at `until`, unless something else ended it first (an
+/// active check that passed) and the backend was ejected again since: that newer
+/// ejection runs its own course. Returns the status after, or `None` when this ejection
+/// was no longer in force.
+fn end_ejection(pool: &crate::pool::Pool, id: &str, until: Instant) -> Option<Status> {
+    let mut ended = false;
+    let status = pool.update_status(id, |s: &mut Status| {
+        if s.ejected_until == Some(until) {
+            s.ejected_until = None;
+            ended = true;
+        }
+    })?;
+    ended.then_some(status)
+}
+
 async fn passive(lookup: Lookup, mut receiver: Receiver, stop: CancellationToken) {
     let mut state = Ejections::default();
     // Ejections that ended, by upstream: refused backends get another look then.
@@ -248,7 +284,7 @@ async fn passive(lookup: Lookup, mut receiver: Receiver, stop: CancellationToken
                     .map(|backend| Eject {
                         upstream: name.clone(),
                         backend,
-                        reason: "still failing after being refused by the half rule".into(),
+                        reason: "still failing after being refused by max_ejected_percent".into(),
                     })
                     .collect()
             }
@@ -263,21 +299,21 @@ async fn passive(lookup: Lookup, mut receiver: Receiver, stop: CancellationToken
                 continue;
             };
             let addr = entry.addr;
-            let duration = match state.consider(&up.name, &up.pool, p, &ev.backend) {
+            let (duration, until) = match state.consider(&up.name, &up.pool, p, &ev.backend) {
                 Verdict::Nothing => continue,
                 Verdict::Refused { again } => {
                     if !again {
-                        tracing::warn!(upstream = %up.name, backend = %ev.backend, address = %addr, "not ejecting after repeated failures ({}): that would leave fewer than half of the backends; it will be ejected when another ejection ends if it still fails", ev.reason);
+                        tracing::warn!(upstream = %up.name, backend = %ev.backend, address = %addr, max_ejected_percent = p.max_ejected_percent, "not ejecting after repeated failures ({}): that would eject more than {}% of the backends (passive.max_ejected_percent); it will be ejected when another ejection ends if it still fails", ev.reason, p.max_ejected_percent);
                     }
                     continue;
                 }
-                Verdict::Ejected { duration, count } => {
+                Verdict::Ejected { duration, count, until } => {
                     entry.metrics.health.ejections.inc();
                     tracing::warn!(
                         upstream = %up.name, backend = %ev.backend, address = %addr, ejection = count, seconds = duration.as_secs_f64(),
                         "backend ejected after {} consecutive failures (last: {})", p.consecutive_failures, ev.reason
                     );
-                    duration
+                    (duration, until)
                 }
             };
             let (name, id, stop, lookup, ended) =
@@ -289,14 +325,18 @@ async fn passive(lookup: Lookup, mut receiver: Receiver, stop: CancellationToken
                         // The upstream serving now: a config reload may have replaced it
                         // (and carried the ejection over).
                         let Some(up) = lookup(&name) else { return };
-                        let Some(status) = up.pool.update_status(&id, |s: &mut Status| s.ejected_until = None) else { return };
+                        // Already ended by an active check that passed: nothing to say
+                        // (and a newer ejection is not cut short).
+                        let Some(status) = end_ejection(&up.pool, &id, until) else { return };
                         if let Some(m) = up.pool.load().members.iter().find(|m| m.entry.id == id) {
                             m.entry.stats.reset_failures();
                         }
                         if status.healthy() {
                             tracing::info!(upstream = %up.name, backend = %id, address = %addr, "ejection over, backend takes traffic again");
+                        } else if !status.up {
+                            tracing::info!(upstream = %up.name, backend = %id, address = %addr, "passive ejection ended, but active health checks have the backend down: it stays out of rotation until they pass");
                         } else {
-                            tracing::info!(upstream = %up.name, backend = %id, address = %addr, "ejection over; the backend stays out of rotation (down or drained)");
+                            tracing::info!(upstream = %up.name, backend = %id, address = %addr, "passive ejection ended; the backend stays out of rotation: it is drained");
                         }
                         let _ = ended.send(name);
                     }
@@ -375,6 +415,7 @@ mod tests {
             consecutive_failures: 1,
             base_ejection: Duration::from_secs(5),
             max_ejection: Duration::from_secs(12),
+            ..Default::default()
         };
         let pool = pool(4);
         let mut e = Ejections::default();
@@ -387,5 +428,46 @@ mod tests {
             pool.update_status("b0", |s| s.ejected_until = None);
         }
         assert_eq!(durations, [5, 10, 12]);
+    }
+
+    #[test]
+    fn max_ejected_percent_follows_envoy_counting_the_backend_being_ejected() {
+        // The default 50 is the old "never more than half" rule.
+        assert!(ejection_allowed(0, 3, 50) && !ejection_allowed(1, 3, 50));
+        assert!(ejection_allowed(0, 2, 50) && !ejection_allowed(1, 2, 50));
+        assert!(ejection_allowed(1, 4, 50) && !ejection_allowed(2, 4, 50));
+        assert!(!ejection_allowed(0, 1, 50), "a lone backend is left to the active checks");
+        assert!(ejection_allowed(0, 1, 100) && ejection_allowed(2, 3, 100));
+        assert!(!ejection_allowed(0, 3, 0), "0 never ejects");
+        assert!(ejection_allowed(1, 3, 67) && !ejection_allowed(2, 3, 67));
+        // Through `consider`: with 100, two of three failing backends are both ejected.
+        let p = crate::config::Passive { consecutive_failures: 1, max_ejected_percent: 100, ..Default::default() };
+        let pool = pool(3);
+        let mut e = Ejections::default();
+        assert!(matches!(e.consider("web", &pool, &p, "b0"), Verdict::Ejected { .. }));
+        assert!(matches!(e.consider("web", &pool, &p, "b1"), Verdict::Ejected { .. }));
+        let p = crate::config::Passive { max_ejected_percent: 50, ..p };
+        assert_eq!(e.consider("web", &pool, &p, "b2"), Verdict::Refused { again: false });
+    }
+
+    #[test]
+    fn an_ejection_ended_by_a_health_check_does_not_end_a_newer_one_or_say_so_twice() {
+        let p = crate::config::Passive { consecutive_failures: 1, ..Default::default() };
+        let pool = pool(3);
+        let mut e = Ejections::default();
+        let Verdict::Ejected { until: first, .. } = e.consider("web", &pool, &p, "b0") else { panic!() };
+        // An active check brought it back (ejection cleared), then it was ejected again.
+        pool.update_status("b0", |s| s.ejected_until = None);
+        let Verdict::Ejected { until: second, .. } = e.consider("web", &pool, &p, "b0") else { panic!() };
+        assert_ne!(first, second);
+        // The first ejection's timer fires: nothing ends, nothing to log.
+        assert_eq!(end_ejection(&pool, "b0", first), None);
+        assert_eq!(pool.snapshot().members[0].status.ejected_until, Some(second));
+        // Meanwhile active checks took it down: the second ejection ends, and the status
+        // says it is still out (the log says so instead of "takes traffic again").
+        pool.update_status("b0", |s| s.up = false);
+        let after = end_ejection(&pool, "b0", second).expect("the second ejection ends");
+        assert!(!after.up && !after.healthy() && after.ejected_until.is_none());
+        assert_eq!(end_ejection(&pool, "b0", second), None, "ended once");
     }
 }

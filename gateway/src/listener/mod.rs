@@ -115,18 +115,25 @@ impl Listener {
         builder
     }
 
-    /// Waits for a free connection slot (`max_connections`) for a connection just
-    /// accepted. Meanwhile its worker accepts no more on this listener: new connections
-    /// wait in the kernel's backlog.
-    pub async fn slot(&self, stop: &CancellationToken) -> Option<OwnedSemaphorePermit> {
-        if let Ok(p) = self.slots.clone().try_acquire_owned() {
+    /// Waits for a free connection slot for a connection just accepted: one of this
+    /// listener's (`max_connections`) and one of the process's (the cap the open-file
+    /// limit sets, [`crate::fds`]). Meanwhile its worker accepts no more on this
+    /// listener: new connections wait in the kernel's backlog.
+    pub async fn slot(&self, stop: &CancellationToken) -> Option<Slot> {
+        let own = self.acquire(&self.slots, stop).await?;
+        let process = self.acquire(crate::fds::client_slots(), stop).await?;
+        Some(Slot { _own: own, _process: process })
+    }
+
+    async fn acquire(&self, slots: &Arc<Semaphore>, stop: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+        if let Ok(p) = slots.clone().try_acquire_owned() {
             return Some(p);
         }
         metrics::global().local().at_connection_limit.inc();
         tracing::debug!(address = %self.address, max_connections = self.limits.max_connections, "connection limit reached: new connections wait in the backlog");
         tokio::select! {
             _ = stop.cancelled() => None,
-            p = self.slots.clone().acquire_owned() => p.ok(),
+            p = slots.clone().acquire_owned() => p.ok(),
         }
     }
 
@@ -136,7 +143,7 @@ impl Listener {
         self: Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
-        slot: OwnedSemaphorePermit,
+        slot: Slot,
         http: auto::Builder<TokioExecutor>,
         watcher: Watcher,
         worker: Worker,
@@ -206,6 +213,14 @@ impl Listener {
         metrics::global().local().closed[closed as usize].inc();
         tracing::debug!(client = %peer, reason = Closed::LABELS[closed as usize], "connection closed by the gateway");
     }
+}
+
+/// A connection's places among its listener's `max_connections` and the process's
+/// client connections; both are freed when it ends.
+#[derive(Debug)]
+pub struct Slot {
+    _own: OwnedSemaphorePermit,
+    _process: OwnedSemaphorePermit,
 }
 
 /// One client connection: what the proxy needs to know of it and what the watchdog

@@ -116,7 +116,7 @@ impl prometheus_client::collector::Collector for Scrape {
         counter(
             &mut enc,
             "generated_responses",
-            "Responses the gateway made itself instead of a backend, by reason: no_route (404), no_healthy_backend (503), backend_failed (502), backend_timeout (504), plugin_reject, bad_request (400/431 for malformed requests, 400 for an encoded slash in the path), body_too_large (413, the route's max_body_bytes), request_timeout (504, the route's total timeout), https_redirect (308 from a redirect listener).",
+            "Responses the gateway made itself instead of a backend, by reason: no_route (404), no_healthy_backend (503), backend_failed (502), backend_timeout (504), plugin_reject, bad_request (400/431 for malformed requests, 400 for an encoded slash in the path), body_too_large (413, the route's max_body_bytes), request_timeout (504, the route's total timeout), https_redirect (308 from a redirect listener), out_of_descriptors (503: the gateway could not open a backend connection for lack of file descriptors).",
             &generated,
         )?;
 
@@ -134,8 +134,14 @@ impl prometheus_client::collector::Collector for Scrape {
         counter(
             &mut enc,
             "connection_limit_reached",
-            "Times a listener reached its max_connections and left new connections waiting in the accept backlog.",
+            "Times a listener reached its max_connections (or the cap the open-file limit sets) and left new connections waiting in the accept backlog.",
             &[(vec![], global.sum(|s| s.at_connection_limit.get()))],
+        )?;
+        counter(
+            &mut enc,
+            "accept_out_of_descriptors",
+            "Times accepting a client connection failed because the gateway (EMFILE) or the system (ENFILE) was out of file descriptors; the accept loop backs off.",
+            &[(vec![], global.sum(|s| s.accept_out_of_descriptors.get()))],
         )?;
 
         // Routes.
@@ -250,7 +256,7 @@ impl prometheus_client::collector::Collector for Scrape {
         histogram(&mut enc, "health_check_duration", "Duration of each active health check.", &check_duration)?;
 
         // Upstreams and their plugins.
-        let mut retries = Vec::new();
+        let (mut retries, mut retries_skipped) = (Vec::new(), Vec::new());
         let (mut decisions, mut fallbacks, mut plugin_failures, mut decision_time, mut info) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut dropped_headers, mut quarantined, mut quarantines) = (Vec::new(), Vec::new(), Vec::new());
@@ -263,6 +269,10 @@ impl prometheus_client::collector::Collector for Scrape {
                     m.shards.sum(|s| s.retries[i].get()),
                 ));
             }
+            retries_skipped.push((
+                vec![("upstream", u.name.as_str()), ("reason", "budget")],
+                m.shards.sum(|s| s.retries_skipped.get()),
+            ));
             let labels = vec![("upstream", u.name.as_str()), ("plugin", plugin.name.as_str())];
             decisions.push((labels.clone(), m.shards.sum(|s| s.decisions.get())));
             dropped_headers.push((labels.clone(), m.dropped_headers.get()));
@@ -292,8 +302,14 @@ impl prometheus_client::collector::Collector for Scrape {
         counter(
             &mut enc,
             "retries",
-            "Requests sent again to another backend, by why the previous attempt failed.",
+            "Requests sent again to another backend, by why the previous attempt failed (backend_down: the backend went down while the request waited for its response headers).",
             &retries,
+        )?;
+        counter(
+            &mut enc,
+            "retries_skipped",
+            "Retries not made, by reason (budget: the upstream's retry_budget was spent; the client got the failed attempt's answer).",
+            &retries_skipped,
         )?;
         counter(&mut enc, "plugin_decisions", "Backend decisions asked of each upstream's plugin.", &decisions)?;
         counter(

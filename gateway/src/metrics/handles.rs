@@ -107,11 +107,14 @@ pub enum RetryReason {
     Timeout = 2,
     /// The connection broke after the request went out.
     Error = 3,
+    /// The backend went down (health check or ejection) while the request waited for
+    /// its response headers.
+    BackendDown = 4,
 }
 
 impl RetryReason {
     /// Label values, by discriminant.
-    pub const LABELS: [&'static str; 4] = ["connect_failed", "5xx", "timeout", "error"];
+    pub const LABELS: [&'static str; 5] = ["connect_failed", "5xx", "timeout", "error", "backend_down"];
 }
 
 /// What one worker counted for one upstream.
@@ -122,7 +125,9 @@ pub struct UpstreamShard {
     /// Time of a sample of the decisions (1 in [`DECISION_SAMPLE`]).
     pub decision_time: Histogram<Decision>,
     /// Retries by [`RetryReason`].
-    pub retries: [Counter; 4],
+    pub retries: [Counter; RetryReason::LABELS.len()],
+    /// Retries not made because the upstream's retry budget was spent.
+    pub retries_skipped: Counter,
 }
 
 /// One decision in this many is timed.
@@ -184,11 +189,14 @@ pub enum Generated {
     RequestTimeout = 7,
     /// A redirect listener sent the client to HTTPS (308).
     HttpsRedirect = 8,
+    /// The gateway could not open a backend connection: it is out of file descriptors
+    /// (503). Not counted against the backend.
+    OutOfDescriptors = 9,
 }
 
 impl Generated {
     /// Label values, by discriminant.
-    pub const LABELS: [&'static str; 9] = [
+    pub const LABELS: [&'static str; 10] = [
         "no_route",
         "no_healthy_backend",
         "backend_failed",
@@ -198,6 +206,7 @@ impl Generated {
         "body_too_large",
         "request_timeout",
         "https_redirect",
+        "out_of_descriptors",
     ];
 }
 
@@ -232,9 +241,12 @@ pub struct GlobalShard {
     pub proxy_protocol_refused: Counter,
     /// Client connections the gateway closed, by [`Closed`] reason.
     pub closed: [Counter; 3],
-    /// Times a listener was at `max_connections` and left new connections waiting in
-    /// the accept backlog.
+    /// Times a listener was at `max_connections` (or the cap the open-file limit sets)
+    /// and left new connections waiting in the accept backlog.
     pub at_connection_limit: Counter,
+    /// `accept` failed because the process (EMFILE) or the system (ENFILE) is out of
+    /// file descriptors; the accept loop backed off.
+    pub accept_out_of_descriptors: Counter,
 }
 
 impl GlobalShard {

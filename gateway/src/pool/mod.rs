@@ -10,6 +10,7 @@ mod stats;
 
 use arc_swap::{ArcSwap, Guard};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -37,6 +38,46 @@ pub struct BackendEntry {
     /// Small unique number: the index of this backend in per-worker tables (idle
     /// connections), so the hot path needs no hashing.
     pub key: usize,
+    /// Wakes the requests waiting for this backend's response headers when it goes down.
+    pub down: DownSignal,
+}
+
+/// Tells requests waiting on a backend that it went down (an active check marked it
+/// down, or passive health ejected it), so that those safe to retry go to another
+/// backend at once instead of waiting out their timeout on a frozen one.
+///
+/// One `Notify` per worker thread: a request registers with its own worker's (whose lock
+/// no other worker takes); the health task wakes them all. Nothing is allocated per
+/// request.
+#[derive(Debug, Default)]
+pub struct DownSignal {
+    notify: crate::metrics::PerWorker<tokio::sync::Notify>,
+    /// Down or ejected now (drained backends finish their requests: not down).
+    down: AtomicBool,
+}
+
+impl DownSignal {
+    /// A future that completes when the backend goes down after this call. Create it
+    /// before checking [`DownSignal::is_down`], so a change in between is not missed.
+    #[inline]
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.local().notified()
+    }
+
+    /// Whether the backend is down or ejected now.
+    #[inline]
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Acquire)
+    }
+
+    fn set(&self, status: &Status) {
+        let down = !status.up || status.ejected_until.is_some();
+        if self.down.swap(down, Ordering::AcqRel) != down && down {
+            for n in self.notify.iter() {
+                n.notify_waiters();
+            }
+        }
+    }
 }
 
 impl BackendEntry {
@@ -57,6 +98,7 @@ impl BackendEntry {
             stats: BackendStats::default(),
             metrics,
             key,
+            down: DownSignal::default(),
         }
     }
 }
@@ -141,6 +183,9 @@ impl Pool {
 
     /// A pool of these members with their statuses (a reload carries statuses over).
     pub fn with_members(members: Vec<Member>) -> Self {
+        for m in &members {
+            m.entry.down.set(&m.status);
+        }
         Pool { current: ArcSwap::from_pointee(PoolSnapshot::new(next_generation(), members)), write: Mutex::new(()) }
     }
 
@@ -163,10 +208,13 @@ impl Pool {
         let mut status = cur.members[index].status;
         f(&mut status);
         if status != cur.members[index].status {
-            cur.members[index].entry.metrics.state_changed();
+            let entry = &cur.members[index].entry;
+            entry.metrics.state_changed();
             let mut members = cur.members.clone();
             members[index].status = status;
             self.current.store(Arc::new(PoolSnapshot::new(next_generation(), members)));
+            // After the new snapshot is out: a woken request retries on the new pool.
+            entry.down.set(&status);
         }
         Some(status)
     }
@@ -201,5 +249,35 @@ mod tests {
         assert!(!after.members[1].status.healthy());
         assert!(Arc::ptr_eq(&before.members[1].entry, &after.members[1].entry), "stats are shared");
         assert!(p.update_status("nope", |s| s.up = false).is_none());
+    }
+
+    #[test]
+    fn requests_waiting_on_a_backend_are_woken_when_it_goes_down_not_when_drained() {
+        use std::future::Future;
+        use std::pin::pin;
+        use std::task::{Context, Poll, Waker};
+        let p = pool(2);
+        let entry = p.snapshot().members[0].entry.clone();
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut waiting = pin!(entry.down.notified());
+        assert!(waiting.as_mut().poll(&mut cx).is_pending());
+        assert!(!entry.down.is_down());
+        p.update_status("127.0.0.1:9000", |s| s.drained = true);
+        assert!(waiting.as_mut().poll(&mut cx).is_pending(), "a drained backend finishes its requests");
+        // Created, not yet polled: still woken (as the proxy creates it before checking).
+        let mut fresh = pin!(entry.down.notified());
+        p.update_status("127.0.0.1:9000", |s| s.ejected_until = Some(Instant::now()));
+        assert!(entry.down.is_down());
+        assert_eq!(waiting.as_mut().poll(&mut cx), Poll::Ready(()));
+        assert_eq!(fresh.as_mut().poll(&mut cx), Poll::Ready(()));
+        // Down as well as ejected: not a new "went down", no wake-up.
+        let mut later = pin!(entry.down.notified());
+        p.update_status("127.0.0.1:9000", |s| s.up = false);
+        assert!(later.as_mut().poll(&mut cx).is_pending());
+        p.update_status("127.0.0.1:9000", |s| {
+            s.up = true;
+            s.ejected_until = None;
+        });
+        assert!(!entry.down.is_down());
     }
 }

@@ -145,6 +145,12 @@ pub enum SendError {
     Connect(String),
     /// The request was (at least partly) sent, and then the exchange failed.
     Other(String),
+    /// The backend went down while the request waited for its response headers (the
+    /// proxy's verdict, not the connection's).
+    BackendDown,
+    /// The gateway is out of file descriptors: nothing was sent, and the backend is not
+    /// to blame.
+    Local(String),
 }
 
 /// One worker's connections to every backend.
@@ -491,7 +497,9 @@ enum Stream {
 
 /// TCP connect, then the TLS handshake when the transport has TLS.
 async fn dial(backend: &BackendEntry, transport: &Transport) -> Result<Stream, SendError> {
-    let stream = TcpStream::connect(backend.addr).await.map_err(|e| SendError::Connect(e.to_string()))?;
+    let stream = TcpStream::connect(backend.addr).await.map_err(|e| {
+        if crate::fds::is_exhausted(&e) { SendError::Local(e.to_string()) } else { SendError::Connect(e.to_string()) }
+    })?;
     let _ = stream.set_nodelay(true);
     let Some(tls) = &transport.tls else { return Ok(Stream::Tcp(stream)) };
     let name = tls.server_name.clone().unwrap_or_else(|| ServerName::IpAddress(backend.addr.ip().into()));

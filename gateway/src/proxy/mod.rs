@@ -4,6 +4,7 @@
 //! Reads the pool; never writes it (failures go to `health` through a channel).
 
 mod body;
+mod budget;
 mod conns;
 mod grpc;
 mod headers;
@@ -11,6 +12,7 @@ mod log;
 pub mod trace;
 
 pub use body::{RequestBody, ResponseBody};
+pub use budget::RetryBudget;
 pub use conns::{Conns, Transport};
 
 use crate::health::Reporter;
@@ -27,6 +29,7 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 /// The client end of one connection, shared by its requests.
@@ -301,12 +304,44 @@ impl Proxy {
 
             let guard = BackendStats::start(entry);
             let sent = Instant::now();
+            let second = budget::second(sent);
+            if outcome.attempts == 1 {
+                upstream.retry_budget.request(second);
+            }
             let timeouts = &upstream.timeouts;
-            let result = tokio::time::timeout(
+            // Pinned where it is built: the exchange future is large, and moving it
+            // into another future would copy it on every request.
+            let mut exchange = std::pin::pin!(tokio::time::timeout(
                 timeouts.response_header,
                 conns.send(entry, &upstream.transport, attempt, timeouts.connect),
-            )
-            .await;
+            ));
+            // A request safe to send again also listens for its backend going down
+            // (health check, ejection): then it goes to another backend at once instead
+            // of waiting out its timeout on a frozen one. With no other backend to go
+            // to, it keeps waiting (the backend may still answer).
+            let result = if idempotent && body.replayable() && outcome.attempts < upstream.retries.attempts {
+                let mut down = std::pin::pin!(entry.down.notified());
+                let mut listening = true;
+                if entry.down.is_down() && another_backend(upstream, &tried) {
+                    Ok(Err(conns::SendError::BackendDown))
+                } else {
+                    std::future::poll_fn(|cx| {
+                        if let Poll::Ready(r) = exchange.as_mut().poll(cx) {
+                            return Poll::Ready(r);
+                        }
+                        if listening && down.as_mut().poll(cx).is_ready() {
+                            if another_backend(upstream, &tried) {
+                                return Poll::Ready(Ok(Err(conns::SendError::BackendDown)));
+                            }
+                            listening = false;
+                        }
+                        Poll::Pending
+                    })
+                    .await
+                }
+            } else {
+                exchange.await
+            };
             if body.too_large() {
                 // The client sent more than the route allows: its doing, not the backend's
                 // (which saw the body cut off); no retry, no passive-health failure.
@@ -325,7 +360,10 @@ impl Proxy {
             }
             let failure = match result {
                 Ok(Ok((resp, conn))) if resp.status().is_server_error() => {
-                    let retry = idempotent && upstream.retries.on_5xx && body.replayable();
+                    let retry = idempotent
+                        && upstream.retries.on_5xx
+                        && body.replayable()
+                        && self.budget_allows(upstream, outcome.attempts, second, counting);
                     self.failed(upstream, entry, &format!("answered {}", resp.status()));
                     if retry {
                         last_error = Some(finish(resp, guard, conn, extra_headers));
@@ -354,25 +392,42 @@ impl Proxy {
                 }
                 Ok(Err(conns::SendError::Connect(e))) => Failure::Connect(e),
                 Ok(Err(conns::SendError::Other(e))) => Failure::Other(e),
+                Ok(Err(conns::SendError::BackendDown)) => Failure::BackendDown,
+                Ok(Err(conns::SendError::Local(e))) => Failure::Local(e),
                 Err(_) => Failure::Timeout(upstream.timeouts.response_header),
             };
             drop(guard);
             let reason = failure.to_string();
-            self.failed(upstream, entry, &reason);
+            match failure {
+                // Health already took it out; the gateway's own shortage (descriptors)
+                // says nothing about the backend.
+                Failure::BackendDown | Failure::Local(_) => {}
+                _ => self.failed(upstream, entry, &reason),
+            }
             let retry = match failure {
-                // Nothing was sent: always safe to try another backend.
-                Failure::Connect(_) => body.replayable(),
-                Failure::Other(_) | Failure::Timeout(_) => idempotent && body.replayable(),
+                // Nothing was sent, or the backend went down: another backend takes the
+                // request, outside the budget (no load beyond the request itself).
+                Failure::Connect(_) | Failure::BackendDown => body.replayable(),
+                Failure::Other(_) | Failure::Timeout(_) => {
+                    idempotent && body.replayable() && self.budget_allows(upstream, outcome.attempts, second, counting)
+                }
+                // Another backend would fail the same way.
+                Failure::Local(_) => false,
             };
             let (status, generated, retry_reason) = match failure {
                 Failure::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, Generated::BackendTimeout, RetryReason::Timeout),
                 Failure::Connect(_) => (StatusCode::BAD_GATEWAY, Generated::BackendFailed, RetryReason::ConnectFailed),
                 Failure::Other(_) => (StatusCode::BAD_GATEWAY, Generated::BackendFailed, RetryReason::Error),
+                Failure::BackendDown => (StatusCode::BAD_GATEWAY, Generated::BackendFailed, RetryReason::BackendDown),
+                Failure::Local(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, Generated::OutOfDescriptors, RetryReason::ConnectFailed)
+                }
             };
             // The client learns what kind of failure it was, not the backend's address
             // or the OS error: those go to the access log and the admin API.
             let text = match status {
                 StatusCode::GATEWAY_TIMEOUT => "gateway timeout: the backend did not answer in time\n",
+                StatusCode::SERVICE_UNAVAILABLE => "service unavailable: the gateway is out of resources, try again\n",
                 _ => "bad gateway: the backend failed\n",
             };
             last_error = Some(plain(status, text));
@@ -392,6 +447,23 @@ impl Proxy {
         })
     }
 
+    /// Whether a retry after attempt number `attempts` (made in second `second`) may
+    /// be made: there is an attempt left and the upstream's retry budget has room. A
+    /// retry the budget refuses is counted.
+    fn budget_allows(&self, upstream: &Upstream, attempts: u32, second: u32, counting: bool) -> bool {
+        if attempts >= upstream.retries.attempts {
+            return false;
+        }
+        if upstream.retry_budget.try_retry(second) {
+            return true;
+        }
+        if counting {
+            upstream.metrics.shards.local().retries_skipped.inc();
+        }
+        tracing::debug!(upstream = %upstream.name, "retry not made: the upstream's retry budget is spent");
+        false
+    }
+
     fn failed(&self, upstream: &Upstream, entry: &Arc<crate::pool::BackendEntry>, reason: &str) {
         let streak = entry.stats.failure();
         entry.metrics.last_failure(reason);
@@ -403,6 +475,13 @@ impl Proxy {
             self.reporter.eject(&upstream.name, &entry.id, reason);
         }
     }
+}
+
+/// Whether the upstream has a healthy backend this request has not tried yet (read
+/// only when its backend went down).
+fn another_backend(upstream: &Upstream, tried: &[u32]) -> bool {
+    let pool = upstream.pool.load();
+    pool.members.iter().enumerate().any(|(i, m)| m.status.healthy() && !tried.contains(&(i as u32)))
 }
 
 /// Copies bytes both ways between an upgraded client connection and the backend's,
@@ -431,6 +510,10 @@ enum Failure {
     Connect(String),
     Other(String),
     Timeout(Duration),
+    /// The backend went down while the request waited for its response headers.
+    BackendDown,
+    /// The gateway itself ran short (out of file descriptors): not the backend's fault.
+    Local(String),
 }
 
 impl std::fmt::Display for Failure {
@@ -439,6 +522,8 @@ impl std::fmt::Display for Failure {
             Failure::Connect(e) => write!(f, "connect failed: {e}"),
             Failure::Other(e) => write!(f, "{e}"),
             Failure::Timeout(d) => write!(f, "no response headers within {d:?}"),
+            Failure::BackendDown => write!(f, "the backend went down while the request waited for its answer"),
+            Failure::Local(e) => write!(f, "the gateway could not connect: {e}"),
         }
     }
 }

@@ -68,7 +68,20 @@ impl Gateway {
     /// for the compiled-plugin cache) and a longer or shorter wait for it to listen
     /// (loading a Python or JavaScript plugin that is not in the cache compiles it first).
     pub fn start_with(args: &[&str], env: &[(&str, &str)], startup: Duration) -> Gateway {
-        let mut child = Command::new(BIN)
+        Self::spawn(Command::new(BIN), args, env, startup)
+    }
+
+    /// Like [`Gateway::start`], run through `wrapper` (a command that execs the rest of
+    /// its arguments in its own process, e.g. `["prlimit", "--nofile=400:400"]`), so the
+    /// PID is still the gateway's.
+    pub fn start_under(wrapper: &[&str], args: &[&str]) -> Gateway {
+        let mut cmd = Command::new(wrapper[0]);
+        cmd.args(&wrapper[1..]).arg(BIN);
+        Self::spawn(cmd, args, &[], STARTUP)
+    }
+
+    fn spawn(mut cmd: Command, args: &[&str], env: &[(&str, &str)], startup: Duration) -> Gateway {
+        let mut child = cmd
             .arg("--log-format")
             .arg("json")
             .args(args)
