@@ -269,6 +269,7 @@ fn request_smuggling_and_malformed_heads_are_refused_and_nothing_smuggled_reache
         b"GET /a HTTP/1.1\r\nHost: x\r\nX-A : b\r\n\r\n",
         &["400, closed"],
     );
+    case(&mut s, "two Host headers", b"GET /a HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n", &["400"]);
     let big = format!("GET /a HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(70 * 1024));
     case(&mut s, "a 70 KiB header (limit 64 KiB)", big.as_bytes(), &["431, closed"]);
     let mut many = String::from("GET /a HTTP/1.1\r\nHost: x\r\n");

@@ -121,13 +121,20 @@ impl Proxy {
             std::borrow::Cow::Owned(p) => Some(p),
         });
         let mut req = req;
-        let bad_path = match normal {
+        let bad_request = match normal {
             Ok(None) => None,
             Ok(Some(p)) => {
                 set_path(req.uri_mut(), &p);
                 None
             }
-            Err(e) => Some(e),
+            Err(e) => Some(BadRequest::Path(e)),
+        };
+        // RFC 9112 §3.2: several Host lines get 400 (a router and a backend could each
+        // read a different one).
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        let bad_request = match (bad_request, hosts.next(), hosts.next()) {
+            (None, Some(_), Some(_)) => Some(BadRequest::SeveralHosts),
+            (bad, _, _) => bad,
         };
         let path = req.uri().path();
         // One host rule for routing and forwarding (RFC 9112 §3.2.2): the absolute-form
@@ -135,8 +142,8 @@ impl Proxy {
         let host = req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(header::HOST)?.to_str().ok());
         // The request finishes on the view it started with, whatever a reload does meanwhile.
         let view = self.view.load_full();
-        let found = if bad_path.is_some() { None } else { view.router.find(host, path) };
-        let mut resp = match (found, bad_path) {
+        let found = if bad_request.is_some() { None } else { view.router.find(host, path) };
+        let mut resp = match (found, bad_request) {
             (_, Some(e)) => {
                 outcome.generated = Some(Generated::BadRequest);
                 plain(StatusCode::BAD_REQUEST, format!("bad request: {e}\n"))
@@ -599,4 +606,15 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     out
+}
+
+/// Why a request was refused with `400` before routing.
+#[derive(Debug, thiserror::Error)]
+enum BadRequest {
+    /// An encoded slash or a path that is not absolute.
+    #[error("{0}")]
+    Path(crate::router::PathError),
+    /// More than one `Host` header line.
+    #[error("the request has more than one Host header")]
+    SeveralHosts,
 }
