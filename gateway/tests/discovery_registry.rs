@@ -143,6 +143,43 @@ fn a_registered_instance_takes_traffic_after_its_first_health_check_and_heartbea
 }
 
 #[test]
+fn a_config_reload_keeps_registered_instances_and_their_state() {
+    let dir = TempDir::new();
+    let fixed = Backend::new("static-1");
+    let gw = start(&dir, &fixed, "", "{}");
+    let admin = gw.admin_addr();
+    let b1 = Backend::new("b1");
+    assert_eq!(register(admin, "solo", "b1", json!({"address": b1.addr().to_string()})).0, 200);
+    poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        (util::try_get(gw.addr, "/solo").ok()? == (200, "b1".to_owned())).then_some(())
+    })
+    .expect("b1 takes traffic");
+    let before = backend(admin, "solo", "b1").unwrap();
+
+    // Rebuild `solo` (another retry policy) and add a static backend to it.
+    let file = dir.path().join("gw.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let text = text.replace(
+        "    retries: {attempts: 1}\n",
+        &format!("    retries: {{attempts: 2}}\n    backends: [{{address: \"{}\", id: static-solo}}]\n", fixed.addr()),
+    );
+    std::fs::write(&file, text).unwrap();
+    let (status, v) = call(admin, "POST", "/api/reload", None, None);
+    assert_eq!(status, 200, "{v}");
+    assert!(v["changes"]["upstreams_changed"].as_array().unwrap().iter().any(|u| u == "solo"), "{v}");
+    let after = backend(admin, "solo", "b1").expect("the registered instance survives the reload");
+    assert_eq!(after["state"], "up", "and stays up: {after}");
+    assert!(after["requests"].as_u64() >= before["requests"].as_u64(), "the same entry: {before} / {after}");
+    let ids: Vec<Value> = backends(admin, "solo", None).iter().map(|b| b["id"].clone()).collect();
+    assert_eq!(ids, [json!("static-solo"), json!("b1")]);
+    // Still registered: a heartbeat works and the registry still lists it.
+    assert_eq!(call(admin, "PUT", "/api/registry/solo/b1/heartbeat", None, None).0, 200);
+    let seen: std::collections::BTreeSet<String> =
+        (0..20).map(|_| util::get(gw.addr, "/solo").1).collect();
+    assert!(seen.contains("b1") && seen.contains("static-1"), "{seen:?}");
+}
+
+#[test]
 fn deregistering_stops_new_requests_while_requests_in_flight_finish() {
     let dir = TempDir::new();
     let fixed = Backend::new("static-1");
