@@ -174,8 +174,7 @@ fn a_config_reload_keeps_registered_instances_and_their_state() {
     assert_eq!(ids, [json!("static-solo"), json!("b1")]);
     // Still registered: a heartbeat works and the registry still lists it.
     assert_eq!(call(admin, "PUT", "/api/registry/solo/b1/heartbeat", None, None).0, 200);
-    let seen: std::collections::BTreeSet<String> =
-        (0..20).map(|_| util::get(gw.addr, "/solo").1).collect();
+    let seen: std::collections::BTreeSet<String> = (0..20).map(|_| util::get(gw.addr, "/solo").1).collect();
     assert!(seen.contains("b1") && seen.contains("static-1"), "{seen:?}");
 }
 
