@@ -322,17 +322,6 @@ pub enum DnsRecordType {
     Srv,
 }
 
-impl Discovery {
-    /// The configured source's name, for logs and the admin API.
-    pub fn kind(&self) -> &'static str {
-        match (&self.registry, &self.dns) {
-            (Some(_), _) => "registry",
-            (_, Some(_)) => "dns",
-            _ => "none",
-        }
-    }
-}
-
 /// The protocol spoken to an upstream's backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

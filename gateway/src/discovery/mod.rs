@@ -203,13 +203,11 @@ impl Sources {
         }
         let tasks = stop.child_token();
         let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
-        states.retain(|name, _| {
-            upstreams.iter().any(|u| &u.name == name && u.config.discovery.as_ref().is_some_and(|d| d.kind() != "none"))
-        });
+        states.retain(|name, _| upstreams.iter().any(|u| &u.name == name && source_of(&u.config).is_some()));
         for up in upstreams {
-            let Some(d) = &up.config.discovery else { continue };
+            let (Some(d), Some(source)) = (&up.config.discovery, source_of(&up.config)) else { continue };
             let state = states.entry(up.name.clone()).or_default();
-            state.source = d.kind();
+            state.source = source.as_str();
             if let Some(dns) = &d.dns {
                 tokio::spawn(dns::run(
                     up.name.clone(),
@@ -233,9 +231,10 @@ impl Sources {
 
 /// The upstream's discovery source, if its config has one.
 pub fn source_of(cfg: &config::Upstream) -> Option<Source> {
-    match cfg.discovery.as_ref()?.kind() {
-        "registry" => Some(Source::Registry),
-        "dns" => Some(Source::Dns),
+    let d = cfg.discovery.as_ref()?;
+    match (&d.registry, &d.dns) {
+        (Some(_), _) => Some(Source::Registry),
+        (_, Some(_)) => Some(Source::Dns),
         _ => None,
     }
 }
