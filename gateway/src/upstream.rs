@@ -137,7 +137,15 @@ impl Upstream {
                 .members
                 .iter()
                 .filter(|m| m.entry.source == source && !members.iter().any(|s| s.entry.id == m.entry.id))
-                .cloned()
+                .map(|m| {
+                    let mut m = m.clone();
+                    // No health checks any more: nothing would ever let a pending one in.
+                    if m.status.pending && !cfg.health_check.enabled {
+                        m.status.pending = false;
+                        m.status.up = true;
+                    }
+                    m
+                })
                 .collect::<Vec<_>>();
             members.extend(carried);
         }
