@@ -18,7 +18,7 @@ rustup target add wasm32-unknown-unknown wasm32-wasip2 >/dev/null
 # The guest-language toolchains run on Python 3 (with venv) and Node.js 18+ with npm;
 # gateway/tests/stats_page.rs drives a real headless Chromium (under CI it fails without one);
 # gateway/tests/observability.rs runs a real Prometheus against the gateway (same rule).
-step "system packages (guest-language toolchains, Chromium, Prometheus, curl, openssl, h2load)"
+step "system packages (guest-language toolchains, Chromium, Prometheus, curl, openssl, h2load, dnsmasq)"
 missing=()
 command -v chromium >/dev/null || missing+=(chromium)
 command -v python3 >/dev/null || missing+=(python3)
@@ -34,11 +34,15 @@ command -v openssl >/dev/null || missing+=(openssl)
 command -v h2load >/dev/null || missing+=(nghttp2-client)
 # gateway/tests/reliability.rs starts the gateway under a low open-file limit.
 command -v prlimit >/dev/null || missing+=(util-linux)
+# A real DNS server for gateway/tests/discovery_dns.rs (started by the test on a high
+# loopback port). dnsmasq-base is the binary without the system service that the
+# `dnsmasq` package would start on port 53.
+command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || missing+=(dnsmasq-base)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
   command -v apt-get >/dev/null || {
-    echo "missing: ${missing[*]}; install them (Python 3 with venv, Node.js 18+ and npm, Chromium, Prometheus, curl, openssl, nghttp2-client) and run again" >&2
+    echo "missing: ${missing[*]}; install them (Python 3 with venv, Node.js 18+ and npm, Chromium, Prometheus, curl, openssl, nghttp2-client, dnsmasq) and run again" >&2
     exit 1
   }
   echo "installing ${missing[*]} with apt-get"

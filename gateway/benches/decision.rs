@@ -8,19 +8,20 @@
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use gateway::config;
 use gateway::plugin::{self, PluginHost};
-use gateway::pool::{BackendEntry, Pool};
+use gateway::pool::{BackendEntry, Member, Pool, Source, Status};
 use gateway::select::{Choice, Selector};
 use std::hint::black_box;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 fn pool(n: usize) -> Pool {
-    Pool::new(
+    Pool::with_members(
         (0..n)
             .map(|i| {
                 let addr = SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 8000));
                 let zone = ["eu", "us", "ap"][i % 3].to_owned();
-                Arc::new(BackendEntry::new(format!("b{i}"), addr, 1 + (i % 4) as u32, zone, vec![]))
+                let entry = Arc::new(BackendEntry::new(format!("b{i}"), addr, zone, vec![], Source::Static));
+                Member::new(entry, Status::UP, 1 + (i % 4) as u32)
             })
             .collect(),
     )

@@ -89,7 +89,7 @@ fn pool(n: usize) -> Pool {
                 } else {
                     vec![]
                 };
-                Arc::new(BackendEntry::new(format!("b{i}"), addr, 1, String::new(), labels))
+                Arc::new(BackendEntry::new(format!("b{i}"), addr, String::new(), labels, gateway::pool::Source::Static))
             })
             .collect(),
     )

@@ -146,6 +146,77 @@ pub enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
+    /// Keep this instance registered with a gateway's registry (a sidecar): register,
+    /// heartbeat every third of the TTL, register again after a 404, deregister on
+    /// SIGTERM/SIGINT.
+    Register(RegisterArgs),
+}
+
+/// `gateway register ...`
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    /// The gateway's admin listener, e.g. http://127.0.0.1:9901.
+    #[arg(long, value_name = "URL")]
+    pub registry: http::Uri,
+    /// The upstream to join (it needs `discovery.registry`).
+    #[arg(long)]
+    pub upstream: String,
+    /// This instance's id (unique in the upstream).
+    #[arg(long)]
+    pub id: String,
+    /// Where the gateway should send requests: HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub address: String,
+    /// Registration TTL; heartbeats come every third of it.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub ttl: std::time::Duration,
+    /// Relative weight.
+    #[arg(long, default_value_t = 1)]
+    pub weight: u32,
+    /// Zone or region.
+    #[arg(long, default_value = "")]
+    pub zone: String,
+    /// A label, KEY=VALUE. Repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// A file holding the registry token (or the admin token).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime_serde::re::humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (e.g. 10s, 500ms)"))
+}
+
+impl RegisterArgs {
+    /// The sidecar's options (reads the token file).
+    pub fn options(&self) -> anyhow::Result<crate::discovery::sidecar::Options> {
+        let mut labels = std::collections::BTreeMap::new();
+        for l in &self.labels {
+            let (k, v) = l.split_once('=').ok_or_else(|| anyhow::anyhow!("--label {l}: expected KEY=VALUE"))?;
+            labels.insert(k.to_owned(), v.to_owned());
+        }
+        let token = match &self.token_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", f.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        Ok(crate::discovery::sidecar::Options {
+            registry: self.registry.clone(),
+            upstream: self.upstream.clone(),
+            id: self.id.clone(),
+            address: self.address.clone(),
+            ttl: self.ttl,
+            weight: self.weight,
+            zone: self.zone.clone(),
+            labels,
+            token,
+        })
+    }
 }
 
 /// `gateway config ...`
@@ -213,6 +284,7 @@ impl RunArgs {
             }
             let mut config = config::load(path)?;
             self.apply_overrides(&mut config)?;
+            config::check_registry_listener(&config).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             return Ok(config);
         }
         if self.backends.is_empty() {

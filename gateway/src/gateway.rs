@@ -2,6 +2,7 @@
 //! replacing its routes and upstreams when the config file changes.
 
 use crate::config::{self, Config};
+use crate::discovery;
 use crate::health::{self, Receiver, Reporter};
 use crate::metrics;
 use crate::plugin::PluginHost;
@@ -35,6 +36,10 @@ pub struct Gateway {
     state: Mutex<ConfigState>,
     /// The running health checks, and the token they stop with.
     health: Mutex<Option<(tokio_util::sync::CancellationToken, health::Checks)>>,
+    /// Discovery: the embedded registry and the sources of the current view.
+    pub discovery: discovery::Sources,
+    /// The token the discovery sources stop with, once started.
+    discovery_stop: Mutex<Option<tokio_util::sync::CancellationToken>>,
 }
 
 /// The config's version and the outcome of the last reload, for `/api/config`.
@@ -117,6 +122,8 @@ impl Gateway {
             started_at: now,
             state: Mutex::new(ConfigState { version: 1, loaded_at: now, last_error: None, last_error_at: None }),
             health: Mutex::new(None),
+            discovery: discovery::Sources::default(),
+            discovery_stop: Mutex::new(None),
         };
         Ok((Arc::new(gw), receiver))
     }
@@ -151,6 +158,25 @@ impl Gateway {
         let stop = self.health.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(s, _)| s.clone());
         if let Some(stop) = stop {
             self.start_health_checks(&stop);
+        }
+    }
+
+    /// Starts the discovery sources of the current view (and the registry's publisher).
+    /// Call on the control runtime.
+    pub fn start_discovery(self: &Arc<Self>, stop: &tokio_util::sync::CancellationToken) {
+        *self.discovery_stop.lock().unwrap_or_else(|e| e.into_inner()) = Some(stop.clone());
+        let gw = Arc::downgrade(self);
+        let lookup: discovery::Lookup = Arc::new(move |name| gw.upgrade()?.upstream(name));
+        self.discovery.start(&self.view().upstreams, lookup, stop);
+    }
+
+    /// Restarts the discovery sources for the current view (after a reload); the
+    /// registry publishes its instances into the new upstreams. Call on the control
+    /// runtime, after [`Gateway::start_discovery`].
+    pub fn restart_discovery(self: &Arc<Self>) {
+        let stop = self.discovery_stop.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(stop) = stop {
+            self.start_discovery(&stop);
         }
     }
 
@@ -202,6 +228,7 @@ impl Gateway {
         new.access_log = self.config.access_log.clone();
         new.log_format = self.config.log_format;
         new.metrics = self.config.metrics.clone();
+        new.registry = self.config.registry.clone();
         let old = self.view();
         let version = self.config_state().version + 1;
         let view = build_view(&new, version, &self.plugins, Some(&old)).map_err(|e| located(path, &new, e))?;
@@ -298,6 +325,7 @@ fn diff(old: &View, new: &View, started: &Config, file: &Config) -> Changes {
     restart("access_log", started.access_log != file.access_log, &mut c);
     restart("log_format", started.log_format != file.log_format, &mut c);
     restart("metrics", started.metrics != file.metrics, &mut c);
+    restart("registry", started.registry != file.registry, &mut c);
     restart(
         "admin",
         started.admin.token_file != file.admin.token_file || started.admin.public_metrics != file.admin.public_metrics,

@@ -1,7 +1,7 @@
 //! A load-balancing gateway whose per-request backend choice is made by WebAssembly
 //! components. The modules follow the request path:
 //! `server` (listeners) → `router` → `upstream` → `select` (→ `plugin`) → `proxy`,
-//! with `pool` the shared state that `health` writes and everything else reads.
+//! with `pool` the shared state that `health` and `discovery` write and everything else reads.
 
 pub mod access_log;
 pub mod admin;
@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod debounce;
 pub mod demo;
+pub mod discovery;
 pub mod fds;
 pub mod gateway;
 pub mod health;

@@ -23,6 +23,9 @@ fn main() -> ExitCode {
         None => commands::run(&cli.run),
         Some(Command::Demo { port, admin }) => commands::demo(port, admin),
         Some(Command::Config { command: ConfigCommand::Check { file } }) => commands::config_check(&file),
+        Some(Command::Register(args)) => {
+            args.options().and_then(gateway::discovery::sidecar::run).map(|()| ExitCode::SUCCESS)
+        }
         Some(Command::Plugin { command }) => match command {
             PluginCommand::Check { file, params } => commands::plugin_check(&file, &params),
             PluginCommand::List { plugins } => commands::plugin_list(&plugins),

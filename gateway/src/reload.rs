@@ -78,6 +78,7 @@ pub async fn reload(gw: &Arc<Gateway>, trigger: Trigger) -> Result<Changes, Stri
             seen.refused = None;
             seen.applied = hash;
             gw.restart_health_checks();
+            gw.restart_discovery();
             let version = gw.config_state().version;
             if changes.is_empty() {
                 tracing::info!(file = %path.display(), version, trigger = %trigger, "config reloaded: nothing changed");

@@ -76,7 +76,8 @@ pub fn run(
     }
     let admin_listener = match gw.config.admin.address {
         Some(addr) => {
-            let auth = Auth::new(addr, gw.config.admin.token_file.as_deref(), gw.config.admin.public_metrics)?;
+            let auth = Auth::new(addr, gw.config.admin.token_file.as_deref(), gw.config.admin.public_metrics)?
+                .with_registry_token(gw.config.registry.token_file.as_deref())?;
             Some((bind(addr, 1)?.remove(0), Arc::new(auth)))
         }
         None => None,
@@ -105,6 +106,7 @@ pub fn run(
     let control = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     control.block_on(async {
         gw.start_health_checks(&stop);
+        gw.start_discovery(&stop);
         let lookup_gw = gw.clone();
         health::run_passive(Arc::new(move |name| lookup_gw.upstream(name)), receiver, stop.clone());
         if gw.plugins.watch_enabled() {

@@ -4,7 +4,7 @@
 use crate::config;
 use crate::metrics::UpstreamMetrics;
 use crate::plugin::{PluginError, PluginHost};
-use crate::pool::{BackendEntry, Member, Pool, Status};
+use crate::pool::{BackendEntry, Member, Pool, Source, Status};
 use crate::proxy::Transport;
 use crate::select::Selector;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -90,10 +90,12 @@ impl Upstream {
     }
 
     /// Builds the upstream `name` for a config reload, keeping from `previous` what is
-    /// unchanged: a backend with the same id, address, weight, zone and labels keeps its
-    /// entry (live counters, in-flight requests, metrics) and its health status; an
-    /// unchanged strategy keeps its plugin binding (warm instances; host-held counters
-    /// and key-value state are kept by upstream name either way).
+    /// unchanged: a backend with the same id, address, zone and labels keeps its entry
+    /// (live counters, in-flight requests, metrics) and its health status, and takes its
+    /// new weight; backends found by the upstream's discovery source are carried over
+    /// while the source is the same kind (it publishes its current set again after the
+    /// reload); an unchanged strategy keeps its plugin binding (warm instances; host-held
+    /// counters and key-value state are kept by upstream name either way).
     pub fn rebuild(
         name: &str,
         cfg: &config::Upstream,
@@ -116,20 +118,38 @@ impl Upstream {
             let kept = old.as_ref().and_then(|snap| {
                 snap.members.iter().find(|m| {
                     let e = &m.entry;
-                    e.id == b.id()
+                    e.source == Source::Static
+                        && e.id == b.id()
                         && e.addr == addr
-                        && e.weight == b.weight.max(1)
                         && e.zone == b.zone
                         && e.labels == labels
                 })
             });
             members.push(match kept {
-                Some(m) => m.clone(),
-                None => Member {
-                    entry: Arc::new(BackendEntry::new(b.id().into(), addr, b.weight, b.zone.clone(), labels)),
-                    status: Status::UP,
-                },
+                Some(m) => Member::new(m.entry.clone(), m.status, b.weight),
+                None => Member::new(
+                    Arc::new(BackendEntry::new(b.id().into(), addr, b.zone.clone(), labels, Source::Static)),
+                    Status::UP,
+                    b.weight,
+                ),
             });
+        }
+        if let (Some(snap), Some(source)) = (&old, crate::discovery::source_of(cfg)) {
+            let carried = snap
+                .members
+                .iter()
+                .filter(|m| m.entry.source == source && !members.iter().any(|s| s.entry.id == m.entry.id))
+                .map(|m| {
+                    let mut m = m.clone();
+                    // No health checks any more: nothing would ever let a pending one in.
+                    if m.status.pending && !cfg.health_check.enabled {
+                        m.status.pending = false;
+                        m.status.up = true;
+                    }
+                    m
+                })
+                .collect::<Vec<_>>();
+            members.extend(carried);
         }
         let selector = match previous {
             Some(p) if p.config.strategy == cfg.strategy => p.selector.clone(),

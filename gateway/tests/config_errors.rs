@@ -48,9 +48,9 @@ fn upstream_without_backends_is_named() {
     let yaml = "upstreams:\n  web:\n    strategy:\n      plugin: round-robin\n";
     let (out, file) = refused(yaml);
     let err = out.stderr.trim();
-    assert!(err.contains(&format!("{file}:3:")), "no {file}:3: in {err}");
-    assert!(err.contains("upstreams.web"), "{err}");
-    assert!(err.contains("missing field `backends`"), "{err}");
+    assert!(err.contains(&format!("{file}:2:")), "no {file}:2: in {err}");
+    assert!(err.contains("upstreams.web.backends: no backends"), "{err}");
+    assert!(err.contains("`discovery`"), "the other way to get backends is not named: {err}");
 }
 
 #[test]

@@ -422,7 +422,9 @@ impl InProcess {
         let pool = Pool::new(
             backends
                 .iter()
-                .map(|(id, addr)| Arc::new(BackendEntry::new(id.clone(), *addr, 1, String::new(), vec![])))
+                .map(|(id, addr)| {
+                    Arc::new(BackendEntry::new(id.clone(), *addr, String::new(), vec![], gateway::pool::Source::Static))
+                })
                 .collect(),
         );
         for id in down {

@@ -8,7 +8,7 @@
 
 use gateway::config;
 use gateway::plugin::{self, PluginHost};
-use gateway::pool::{BackendEntry, BackendStats, Pool, PoolSnapshot};
+use gateway::pool::{BackendEntry, BackendStats, Member, Pool, PoolSnapshot, Source, Status};
 use gateway::select::{Choice, Selector};
 use serde_json::{Value, json};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -68,13 +68,14 @@ fn selector(plugin: &str, params: Value) -> Selector {
 
 /// A pool of backends `(id, weight, zone)` at 10.0.x.y:8080, all up.
 fn pool(backends: &[(String, u32, &str)]) -> Pool {
-    Pool::new(
+    Pool::with_members(
         backends
             .iter()
             .enumerate()
             .map(|(i, (id, weight, zone))| {
                 let addr = SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 8080));
-                Arc::new(BackendEntry::new(id.clone(), addr, *weight, (*zone).to_owned(), vec![]))
+                let entry = BackendEntry::new(id.clone(), addr, (*zone).to_owned(), vec![], Source::Static);
+                Member::new(Arc::new(entry), Status::UP, *weight)
             })
             .collect(),
     )

@@ -66,6 +66,7 @@ pub fn stats(gw: &Gateway, auth: &Auth, req: &http::request::Parts) -> Value {
 
 fn upstream_stats(gw: &Gateway, up: &Upstream) -> Value {
     let snap = up.pool.snapshot();
+    let discovery = gw.discovery.states().remove(&up.name);
     let plugin = up.selector.binding().plugin();
     let m = &up.metrics;
     let last_error =
@@ -77,6 +78,7 @@ fn upstream_stats(gw: &Gateway, up: &Upstream) -> Value {
         "generation": snap.generation,
         "healthy": snap.healthy_count,
         "total": snap.members.len(),
+        "discovery": discovery,
         "retries": m.shards.sum(|s| s.retries.iter().map(metrics::Counter::get).sum()),
         "retries_skipped": m.shards.sum(|s| s.retries_skipped.get()),
         "strategy": {
@@ -102,6 +104,8 @@ pub fn state(member: &Member) -> &'static str {
     let s = &member.status;
     if s.drained {
         "drained"
+    } else if s.pending {
+        "pending"
     } else if !s.up {
         "down"
     } else if s.ejected_until.is_some() {
@@ -138,8 +142,9 @@ fn backend_stats(up: &Upstream, member: &Member) -> Value {
     json!({
         "id": e.id,
         "address": e.addr.to_string(),
-        "weight": e.weight,
+        "weight": member.weight,
         "zone": e.zone,
+        "source": e.source.as_str(),
         "state": state(member),
         "since_ms": m.state_since_ms.load(std::sync::atomic::Ordering::Relaxed),
         "in_flight": e.stats.active(),
@@ -167,6 +172,7 @@ fn backend_stats(up: &Upstream, member: &Member) -> Value {
 /// `GET /api/upstreams`: upstreams, plugins, backends with live stats.
 pub fn upstreams(gw: &Gateway) -> Value {
     let view = gw.view();
+    let sources = gw.discovery.states();
     let list: Vec<_> = view
         .upstreams
         .iter()
@@ -177,6 +183,7 @@ pub fn upstreams(gw: &Gateway) -> Value {
                 "name": up.name,
                 "generation": snap.generation,
                 "healthy": snap.healthy_count,
+                "discovery": sources.get(&up.name),
                 "plugin": {
                     "name": plugin.name,
                     "origin": plugin.origin.to_string(),
@@ -188,11 +195,14 @@ pub fn upstreams(gw: &Gateway) -> Value {
                 "backends": snap.members.iter().map(|m| json!({
                     "id": m.entry.id,
                     "address": m.entry.addr.to_string(),
-                    "weight": m.entry.weight,
+                    "weight": m.weight,
                     "zone": m.entry.zone,
+                    "labels": m.entry.labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+                    "source": m.entry.source.as_str(),
                     "state": state(m),
                     "healthy": m.status.healthy(),
                     "up": m.status.up,
+                    "pending": m.status.pending,
                     "ejected": m.status.ejected_until.is_some(),
                     "drained": m.status.drained,
                     "active": m.entry.stats.active(),

@@ -10,7 +10,11 @@
 //!   cannot set the `Authorization` header (no CORS is ever answered), and without one a
 //!   request whose `Origin` or `Sec-Fetch-Site` says cross-site is refused.
 //!
-//! The token is never logged or shown.
+//! - The registry API (`/api/registry/...`) also takes the registration token
+//!   (`registry.token_file`): it grants that API and nothing else, so a backend that may
+//!   register itself cannot drain others or reload the config.
+//!
+//! Tokens are never logged or shown.
 
 use super::{AdminResponse, error};
 use http::{StatusCode, header, request::Parts};
@@ -21,13 +25,17 @@ use subtle::ConstantTimeEq;
 /// The admin listener's access rules.
 pub struct Auth {
     token: Option<Vec<u8>>,
+    registry_token: Option<Vec<u8>>,
     public_metrics: bool,
 }
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the token itself.
-        f.debug_struct("Auth").field("token", &self.token.as_ref().map(|_| "<set>")).finish()
+        f.debug_struct("Auth")
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .field("registry_token", &self.registry_token.as_ref().map(|_| "<set>"))
+            .finish()
     }
 }
 
@@ -58,12 +66,46 @@ impl Auth {
             None if !addr.ip().is_loopback() => return Err(AuthError::NeedsToken(addr)),
             None => None,
         };
-        Ok(Auth { token, public_metrics })
+        Ok(Auth { token, registry_token: None, public_metrics })
+    }
+
+    /// Also accepts the registration token in `token_file` on the registry API.
+    pub fn with_registry_token(mut self, token_file: Option<&Path>) -> Result<Auth, AuthError> {
+        self.registry_token = token_file.map(read_token).transpose()?;
+        Ok(self)
     }
 
     /// No token: for tests and the loopback default.
     pub fn open() -> Auth {
-        Auth { token: None, public_metrics: false }
+        Auth { token: None, registry_token: None, public_metrics: false }
+    }
+
+    /// Whether the request may use the registry API: the registration token, or what
+    /// the rest of the admin API takes (the admin token; without one, loopback and, for
+    /// a change, same-site).
+    pub fn check_registry(&self, req: &Parts) -> Result<(), Box<AdminResponse>> {
+        if let Some(token) = &self.registry_token {
+            match bearer(req) {
+                Some(t) if bool::from(t.ct_eq(token)) => return Ok(()),
+                Some(t) if self.token.as_ref().is_some_and(|admin| bool::from(t.ct_eq(admin))) => return Ok(()),
+                Some(_) => {
+                    return Err(Box::new(unauthorized(
+                        "the token matches neither the registry token (registry.token_file) nor the admin token",
+                    )));
+                }
+                None if self.token.is_some() => {
+                    return Err(Box::new(unauthorized(
+                        "the registry API needs `Authorization: Bearer TOKEN` with the registry token (the file registry.token_file names)",
+                    )));
+                }
+                None => {}
+            }
+        }
+        self.check(req)?;
+        if req.method != http::Method::GET && req.method != http::Method::HEAD {
+            self.check_mutation(req)?;
+        }
+        Ok(())
     }
 
     /// A token is required.
@@ -80,11 +122,7 @@ impl Auth {
     pub fn check(&self, req: &Parts) -> Result<(), Box<AdminResponse>> {
         match &self.token {
             Some(token) => {
-                let given = req
-                    .headers
-                    .get(header::AUTHORIZATION)
-                    .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-                    .map(|t| t.trim_ascii());
+                let given = bearer(req);
                 match given {
                     Some(t) if bool::from(t.ct_eq(token)) => Ok(()),
                     Some(_) => Err(Box::new(unauthorized("the admin token does not match"))),
@@ -127,6 +165,11 @@ impl Auth {
         }
         Ok(())
     }
+}
+
+/// The bearer token of the request, if any.
+fn bearer(req: &Parts) -> Option<&[u8]> {
+    req.headers.get(header::AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")).map(|t| t.trim_ascii())
 }
 
 fn read_token(path: &Path) -> Result<Vec<u8>, AuthError> {
@@ -185,7 +228,27 @@ mod tests {
     }
 
     fn with_token() -> Auth {
-        Auth { token: Some(b"0123456789abcdef-secret".to_vec()), public_metrics: false }
+        Auth { token: Some(b"0123456789abcdef-secret".to_vec()), registry_token: None, public_metrics: false }
+    }
+
+    #[test]
+    fn the_registry_token_opens_the_registry_api_only() {
+        let a = Auth { registry_token: Some(b"registry-token-0123".to_vec()), ..with_token() };
+        let reg = parts(&[("authorization", "Bearer registry-token-0123")]);
+        assert!(a.check_registry(&reg).is_ok());
+        assert_eq!(a.check(&reg).unwrap_err().status(), 401, "not the rest of the admin API");
+        let admin = parts(&[("authorization", "Bearer 0123456789abcdef-secret")]);
+        assert!(a.check_registry(&admin).is_ok(), "the admin token works there too");
+        assert_eq!(a.check_registry(&parts(&[("authorization", "Bearer nope")])).unwrap_err().status(), 401);
+        assert_eq!(a.check_registry(&parts(&[])).unwrap_err().status(), 401);
+        // Without an admin token: the registry token, or loopback as for the admin API.
+        let open = Auth { registry_token: Some(b"registry-token-0123".to_vec()), ..Auth::open() };
+        assert!(open.check_registry(&parts(&[("host", "127.0.0.1:9901")])).is_ok());
+        assert_eq!(open.check_registry(&parts(&[("host", "evil.example")])).unwrap_err().status(), 403);
+        assert!(
+            open.check_registry(&parts(&[("host", "evil.example"), ("authorization", "Bearer registry-token-0123")]))
+                .is_ok()
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! | `POST /api/upstreams/{upstream}/backends/{id}/drain` (and `/undrain`) | stop / resume new requests to a backend | token, or same-site on loopback |
 //! | `POST /api/reload` | reload the config file | token, or same-site on loopback |
 //! | `GET /debug/pprof/profile?seconds=N` | CPU profile (pprof protobuf, `&format=svg`: flamegraph) | token |
+//! | `PUT /api/registry/{upstream}/{id}` (`/heartbeat`), `DELETE ...`, `GET /api/registry` | the embedded registry ([`crate::discovery::registry`]) | registry token or admin token; without tokens, loopback and same-site |
 
 mod api;
 pub mod auth;
@@ -84,8 +85,12 @@ pub async fn serve(
 }
 
 /// The admin router, as a function so it can be tested without sockets.
-pub async fn handle<B>(gw: &Arc<Gateway>, ext: Option<&dyn Extension>, auth: &Auth, req: Request<B>) -> AdminResponse {
-    let (parts, _body) = req.into_parts();
+pub async fn handle<B>(gw: &Arc<Gateway>, ext: Option<&dyn Extension>, auth: &Auth, req: Request<B>) -> AdminResponse
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (parts, body) = req.into_parts();
     let method = &parts.method;
     let path = parts.uri.path();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -96,6 +101,12 @@ pub async fn handle<B>(gw: &Arc<Gateway>, ext: Option<&dyn Extension>, auth: &Au
         (&Method::GET, ["healthz"]) => return text(StatusCode::OK, "ok\n"),
         (&Method::GET, ["metrics"]) if auth.public_metrics() => return metrics(gw),
         _ => {}
+    }
+    if let ["api", "registry", rest @ ..] = segments.as_slice() {
+        if let Err(refused) = auth.check_registry(&parts) {
+            return *refused;
+        }
+        return registry(gw, method, rest, body).await;
     }
     let access = auth.check(&parts);
     if let Err(refused) = access {
@@ -125,6 +136,51 @@ pub async fn handle<B>(gw: &Arc<Gateway>, ext: Option<&dyn Extension>, auth: &Au
         _ => error(
             StatusCode::NOT_FOUND,
             format!("no admin route {method} {path} (mutations are POSTs under /api/; see docs/operations.md)"),
+        ),
+    }
+}
+
+/// The registry API: `rest` is the path after `/api/registry/`.
+async fn registry<B>(gw: &Gateway, method: &Method, rest: &[&str], body: B) -> AdminResponse
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use http_body_util::BodyExt as _;
+    let reg = &gw.discovery.registry;
+    let answer = |r: Result<serde_json::Value, crate::discovery::registry::Refused>| match r {
+        Ok(v) => json_response(StatusCode::OK, v),
+        Err(e) => {
+            let mut body = e.body();
+            if e.status == StatusCode::NOT_FOUND && e.field == "id" && method == Method::PUT {
+                body["register_again"] = json!(true);
+            }
+            json_response(e.status, body)
+        }
+    };
+    match (method, rest) {
+        (&Method::GET, [] | [""]) => json_response(StatusCode::OK, reg.list(&gw.view().upstreams)),
+        (&Method::PUT, [up, id]) => {
+            let limited = http_body_util::Limited::new(body, crate::discovery::registry::MAX_BODY);
+            let bytes = match limited.collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    return json_response(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        json!({ "error": format!("the registration body could not be read (at most {} bytes): {e}", crate::discovery::registry::MAX_BODY), "field": "body" }),
+                    );
+                }
+            };
+            answer(reg.register(gw.upstream(up).as_deref(), up, id, &bytes).await)
+        }
+        (&Method::PUT, [up, id, "heartbeat"]) => answer(reg.heartbeat(gw.upstream(up).as_deref(), up, id)),
+        (&Method::DELETE, [up, id]) => answer(reg.deregister(gw.upstream(up).as_deref(), up, id)),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no registry route {method} /api/registry/{}: PUT /api/registry/UPSTREAM/ID, PUT .../ID/heartbeat, DELETE .../ID, GET /api/registry",
+                rest.join("/")
+            ),
         ),
     }
 }

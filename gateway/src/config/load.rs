@@ -181,6 +181,7 @@ pub fn validate(config: &Config) -> Result<(), Problem> {
         ));
     }
     for (name, up) in &config.upstreams {
+        check_discovery(name, up)?;
         for (i, b) in up.backends.iter().enumerate() {
             check_address(b)
                 .map_err(|m| (format!("upstreams.{name}.backends[{i}].address"), Some(b.address.clone()), m))?;
@@ -283,6 +284,104 @@ pub fn validate(config: &Config) -> Result<(), Problem> {
         }
     }
     Ok(())
+}
+
+/// The shortest and longest TTL a registration may have.
+pub const TTL_RANGE: (std::time::Duration, std::time::Duration) =
+    (std::time::Duration::from_secs(1), std::time::Duration::from_secs(3600));
+
+/// With the command-line overrides applied: an upstream with `discovery.registry` needs
+/// the admin listener, which serves the registry API.
+pub fn check_registry_listener(config: &Config) -> Result<(), String> {
+    let registry = config.upstreams.iter().find(|(_, u)| u.discovery.as_ref().is_some_and(|d| d.registry.is_some()));
+    match (registry, config.admin.address) {
+        (Some((name, _)), None) => Err(format!(
+            "upstreams.{name}.discovery.registry: the registry API is served on the admin listener: set `admin.address` (or --admin)"
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn check_discovery(name: &str, up: &super::Upstream) -> Result<(), Problem> {
+    let field = |f: &str| format!("upstreams.{name}.{f}");
+    let Some(d) = &up.discovery else {
+        if up.backends.is_empty() {
+            return Err((
+                field("backends"),
+                Some(format!("{name}:")),
+                "no backends: list at least one, or let `discovery` (registry or dns) find them".into(),
+            ));
+        }
+        return Ok(());
+    };
+    if d.registry.is_some() == d.dns.is_some() {
+        return Err((
+            field("discovery"),
+            Some("discovery".into()),
+            "set exactly one source: `registry` or `dns`".into(),
+        ));
+    }
+    if let Some(r) = &d.registry {
+        let (lo, hi) = TTL_RANGE;
+        if r.default_ttl < lo || r.default_ttl > hi {
+            return Err((
+                field("discovery.registry.default_ttl"),
+                Some("default_ttl".into()),
+                format!("{:?} is out of range: from {lo:?} to {hi:?}", r.default_ttl),
+            ));
+        }
+        if r.max_instances == 0 {
+            return Err((
+                field("discovery.registry.max_instances"),
+                Some("max_instances".into()),
+                "must be at least 1".into(),
+            ));
+        }
+    }
+    if let Some(dns) = &d.dns {
+        if dns.name.trim().is_empty() {
+            return Err((field("discovery.dns.name"), Some("name".into()), "is empty: the DNS name to resolve".into()));
+        }
+        match (dns.record_type, dns.port) {
+            (super::DnsRecordType::Srv, Some(_)) => {
+                return Err((
+                    field("discovery.dns.port"),
+                    Some("port".into()),
+                    "SRV records carry their own ports: leave `port` out".into(),
+                ));
+            }
+            (super::DnsRecordType::A | super::DnsRecordType::Aaaa, None | Some(0)) => {
+                return Err((
+                    field("discovery.dns.port"),
+                    Some("dns".into()),
+                    "A and AAAA records carry no port: set the backends' `port` (e.g. 8080)".into(),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(r) = &dns.resolver
+            && parse_resolver(r).is_none()
+        {
+            return Err((
+                field("discovery.dns.resolver"),
+                Some("resolver".into()),
+                format!("`{r}` is not IP or IP:PORT (e.g. 127.0.0.1:5353), or leave it out for the system's"),
+            ));
+        }
+        if dns.refresh.is_zero() {
+            return Err((
+                field("discovery.dns.refresh"),
+                Some("refresh".into()),
+                "must be longer than 0s (e.g. 5s)".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A DNS server address: `IP:PORT`, `[IPv6]:PORT`, or an IP (port 53).
+pub fn parse_resolver(text: &str) -> Option<std::net::SocketAddr> {
+    text.parse().ok().or_else(|| text.parse::<std::net::IpAddr>().ok().map(|ip| std::net::SocketAddr::new(ip, 53)))
 }
 
 fn zero_timeouts(t: &super::Timeouts, at: &str) -> Result<(), Problem> {
@@ -466,11 +565,54 @@ mod tests {
     #[test]
     fn missing_backends_is_named() {
         let e = err("upstreams:\n  web:\n    strategy: {plugin: round-robin}\n");
-        assert!(e.contains("gw.yaml:3:"), "{e}");
-        assert!(e.contains("missing field `backends`"), "{e}");
+        assert_eq!(
+            e,
+            "gw.yaml:2: upstreams.web.backends: no backends: list at least one, or let `discovery` (registry or dns) find them"
+        );
         let e = err("upstreams:\n  web:\n    backends: []\n");
         assert!(e.contains("upstreams.web.backends"), "{e}");
-        assert!(e.contains("at least one entry"), "{e}");
+        assert!(e.contains("no backends"), "{e}");
+    }
+
+    #[test]
+    fn discovery_sources_parse_with_their_defaults() {
+        let c = from_yaml(
+            Path::new("gw.yaml"),
+            "admin: {address: 127.0.0.1:9901}\nroutes: [{path_prefix: /b, upstream: books}, {upstream: search}]\nupstreams:\n  books:\n    discovery:\n      registry: {}\n  search:\n    backends: [{address: 127.0.0.1:9001}]\n    discovery:\n      dns: {name: _search._tcp.service.test, type: srv, resolver: 127.0.0.1:5353}\n",
+        )
+        .unwrap();
+        let r = c.upstreams["books"].discovery.as_ref().unwrap().registry.as_ref().unwrap();
+        assert_eq!((r.default_ttl, r.max_instances), (std::time::Duration::from_secs(10), 10_000));
+        let d = c.upstreams["search"].discovery.as_ref().unwrap().dns.as_ref().unwrap();
+        assert_eq!(d.record_type, super::super::DnsRecordType::Srv);
+        assert_eq!(d.refresh, std::time::Duration::from_secs(5));
+        assert_eq!(parse_resolver("127.0.0.1"), Some("127.0.0.1:53".parse().unwrap()));
+        assert_eq!(parse_resolver("[::1]:5353"), Some("[::1]:5353".parse().unwrap()));
+    }
+
+    #[test]
+    fn discovery_mistakes_are_named() {
+        let up = |d: &str| err(&format!("admin: {{address: 127.0.0.1:0}}\nupstreams:\n  web:\n    discovery:\n{d}"));
+        let e = up("      registry: {}\n      dns: {name: x, port: 80}\n");
+        assert!(e.contains("upstreams.web.discovery: set exactly one source"), "{e}");
+        let e = up("      etcdd: {}\n");
+        assert!(e.contains("unknown field `etcdd`, expected `registry` or `dns`"), "{e}");
+        let e = up("      dns: {name: books.test}\n");
+        assert!(e.contains("upstreams.web.discovery.dns.port") && e.contains("port"), "{e}");
+        let e = up("      dns: {name: _b._tcp.test, type: srv, port: 80}\n");
+        assert!(e.contains("upstreams.web.discovery.dns.port: SRV records carry their own ports"), "{e}");
+        let e = up("      dns: {name: b.test, port: 80, resolver: dns.example}\n");
+        assert!(e.contains("upstreams.web.discovery.dns.resolver"), "{e}");
+        let e = up("      dns: {name: b.test, port: 80, type: mx}\n");
+        assert!(e.contains("unknown variant `mx`"), "{e}");
+        let e = up("      registry: {default_ttl: 0s}\n");
+        assert!(e.contains("upstreams.web.discovery.registry.default_ttl") && e.contains("out of range"), "{e}");
+        let c = from_yaml(Path::new("gw.yaml"), "upstreams:\n  web:\n    discovery:\n      registry: {}\n").unwrap();
+        let e = check_registry_listener(&c).unwrap_err();
+        assert!(
+            e.contains("upstreams.web.discovery.registry: the registry API is served on the admin listener"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -12,7 +12,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use load::{ConfigError, MAX_CONFIG_BYTES, from_yaml, load, locate, peek_log_format, validate};
+pub use load::{
+    ConfigError, MAX_CONFIG_BYTES, TTL_RANGE, check_registry_listener, from_yaml, load, locate, parse_resolver,
+    peek_log_format, validate,
+};
 
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,6 +56,22 @@ pub struct Config {
     /// Prometheus metrics.
     #[serde(default)]
     pub metrics: Metrics,
+    /// The embedded registry's API (on the admin listener), for upstreams with
+    /// `discovery.registry`.
+    #[serde(default)]
+    pub registry: Registry,
+}
+
+/// Settings of the embedded registry API, shared by every upstream that uses it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registry {
+    /// A file holding the registration token: `Authorization: Bearer TOKEN` with it may
+    /// use `/api/registry/*` and nothing else of the admin API (so a backend that may
+    /// register cannot drain others). The admin token works there too. Default none:
+    /// the registry API takes the admin listener's rules (loopback, or the admin token).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// How log lines are written.
@@ -208,9 +227,12 @@ pub struct Route {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
-    /// The backends; at least one.
-    #[serde(deserialize_with = "load::non_empty")]
+    /// The backends from the config file. At least one, unless `discovery` finds them.
+    #[serde(default)]
     pub backends: Vec<Backend>,
+    /// Where more backends come from while the gateway runs (one source). Default none.
+    #[serde(default)]
+    pub discovery: Option<Discovery>,
     /// The selection plugin and its params.
     #[serde(default)]
     pub strategy: Strategy,
@@ -240,6 +262,68 @@ pub struct Upstream {
     /// Keep-alive connections to the backends, per backend and worker thread.
     #[serde(default)]
     pub pool: ConnPool,
+}
+
+/// An upstream's discovery source: exactly one of these keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Discovery {
+    /// Backends register themselves through the registry API (`PUT /api/registry/...`).
+    #[serde(default)]
+    pub registry: Option<RegistrySource>,
+    /// Backends are the answers to a DNS query.
+    #[serde(default)]
+    pub dns: Option<DnsSource>,
+}
+
+/// `discovery.registry`: instances register, heartbeat and deregister over HTTP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrySource {
+    /// TTL of a registration that names none: without a heartbeat for this long, the
+    /// instance is removed. Default 10s.
+    #[serde(default = "default_registry_ttl", with = "humantime_serde")]
+    pub default_ttl: Duration,
+    /// Most instances registered at once; more are refused (`409`). Default 10000.
+    #[serde(default = "default_max_instances")]
+    pub max_instances: usize,
+}
+
+/// `discovery.dns`: the backends are the addresses a DNS name resolves to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSource {
+    /// The name to resolve, e.g. `books.default.svc.cluster.local` or
+    /// `_books._tcp.service.test` (SRV).
+    pub name: String,
+    /// Record type: `a` (IPv4), `aaaa` (IPv6) or `srv` (targets, ports and weights).
+    /// Default `a`.
+    #[serde(default, rename = "type")]
+    pub record_type: DnsRecordType,
+    /// The backends' port, for `a` and `aaaa` (SRV records carry their own).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// DNS server to ask, `IP` or `IP:PORT` (port 53 by default); none = the system's
+    /// resolvers (`/etc/resolv.conf`). Default none.
+    #[serde(default)]
+    pub resolver: Option<String>,
+    /// Resolve again this often, and sooner when the answer's TTL runs out (but not more
+    /// than once a second). Default 5s.
+    #[serde(default = "default_dns_refresh", with = "humantime_serde")]
+    pub refresh: Duration,
+}
+
+/// A DNS record type the DNS source can follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsRecordType {
+    /// IPv4 addresses, with the configured port.
+    #[default]
+    A,
+    /// IPv6 addresses, with the configured port.
+    Aaaa,
+    /// Service records: target, port and weight each (lowest priority only).
+    Srv,
 }
 
 /// The protocol spoken to an upstream's backends.
@@ -522,6 +606,15 @@ pub struct Admin {
 fn yes() -> bool {
     true
 }
+fn default_registry_ttl() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_instances() -> usize {
+    10_000
+}
+fn default_dns_refresh() -> Duration {
+    Duration::from_secs(5)
+}
 fn one() -> u32 {
     1
 }
@@ -632,7 +725,19 @@ macro_rules! default_from_serde {
         }
     )*};
 }
-default_from_serde!(Strategy, HealthCheck, Passive, Retries, RetryBudget, Timeouts, Plugins, Admin, Metrics, Limits);
+default_from_serde!(
+    Strategy,
+    HealthCheck,
+    Passive,
+    Retries,
+    RetryBudget,
+    Timeouts,
+    Plugins,
+    Admin,
+    Metrics,
+    Limits,
+    RegistrySource
+);
 
 impl Strategy {
     /// `plugin` with no params.
@@ -670,6 +775,7 @@ impl Config {
             access_log: AccessLog::default(),
             log_format: None,
             metrics: Metrics::default(),
+            registry: Registry::default(),
         }
     }
 
@@ -707,6 +813,7 @@ impl Upstream {
     pub fn with_backends(backends: Vec<Backend>) -> Self {
         Upstream {
             backends,
+            discovery: None,
             strategy: Strategy::default(),
             health_check: HealthCheck::default(),
             passive: Passive::default(),

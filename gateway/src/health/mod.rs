@@ -7,7 +7,7 @@
 
 mod check;
 
-use crate::pool::Status;
+use crate::pool::{BackendEntry, Status};
 use crate::upstream::Upstream;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -56,16 +56,14 @@ pub struct Checks {
 }
 
 impl Checks {
-    /// Starts one check loop per backend of every upstream with checks enabled, on the
-    /// current runtime, until `stop` (or [`Checks::stop`]).
+    /// Starts the checks of every upstream with checks enabled, on the current runtime,
+    /// until `stop` (or [`Checks::stop`]): one loop per backend, started and stopped as
+    /// backends join and leave the pool.
     pub fn start(upstreams: &[Arc<Upstream>], stop: &CancellationToken) -> Checks {
         let stop = stop.child_token();
         for up in upstreams {
-            if !up.health_check.enabled {
-                continue;
-            }
-            for member in up.pool.snapshot().members.iter() {
-                tokio::spawn(check_loop(up.clone(), member.entry.id.clone(), member.entry.addr, stop.clone()));
+            if up.health_check.enabled {
+                tokio::spawn(supervise(up.clone(), stop.clone()));
             }
         }
         Checks { stop }
@@ -77,6 +75,38 @@ impl Checks {
     }
 }
 
+/// Keeps one check loop running per member of `up`'s pool.
+async fn supervise(up: Arc<Upstream>, stop: CancellationToken) {
+    let mut membership = up.pool.watch_membership();
+    // By entry address (the map holds the Arc, so no other entry can get that address).
+    let mut running: HashMap<usize, (Arc<BackendEntry>, CancellationToken)> = HashMap::new();
+    loop {
+        membership.borrow_and_update();
+        let snap = up.pool.snapshot();
+        let live: std::collections::HashSet<usize> =
+            snap.members.iter().map(|m| Arc::as_ptr(&m.entry) as usize).collect();
+        running.retain(|entry, (_, token)| {
+            let keep = live.contains(entry);
+            if !keep {
+                token.cancel();
+            }
+            keep
+        });
+        for m in snap.members.iter() {
+            running.entry(Arc::as_ptr(&m.entry) as usize).or_insert_with(|| {
+                let token = stop.child_token();
+                tokio::spawn(check_loop(up.clone(), m.entry.clone(), token.clone()));
+                (m.entry.clone(), token)
+            });
+        }
+        drop(snap);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = membership.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
 /// Finds the serving upstream by name (a reload may have replaced it).
 pub type Lookup = Arc<dyn Fn(&str) -> Option<Arc<Upstream>> + Send + Sync>;
 
@@ -85,15 +115,13 @@ pub fn run_passive(lookup: Lookup, receiver: Receiver, stop: CancellationToken) 
     tokio::spawn(passive(lookup, receiver, stop));
 }
 
-async fn check_loop(up: Arc<Upstream>, id: String, addr: std::net::SocketAddr, stop: CancellationToken) {
+async fn check_loop(up: Arc<Upstream>, entry: Arc<BackendEntry>, stop: CancellationToken) {
     let hc = &up.health_check;
+    let (id, addr) = (entry.id.as_str(), entry.addr);
     let mut interval = tokio::time::interval(hc.interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut ok_streak, mut fail_streak) = (0u32, 0u32);
     let mut local = crate::fds::Throttle::new(std::time::Duration::from_secs(10));
-    let Some(entry) = up.pool.load().members.iter().find(|m| m.entry.id == id).map(|m| m.entry.clone()) else {
-        return;
-    };
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -117,16 +145,24 @@ async fn check_loop(up: Arc<Upstream>, id: String, addr: std::net::SocketAddr, s
             Ok(()) => Ok(()),
         };
         entry.metrics.health.record(started.elapsed(), result.as_ref().err().cloned());
-        let up_now = up.pool.load().members.iter().find(|m| m.entry.id == id).map(|m| m.status.up);
-        let Some(was_up) = up_now else { return };
+        let now = up.pool.load().members.iter().find(|m| Arc::ptr_eq(&m.entry, &entry)).map(|m| m.status);
+        let Some(status) = now else { return };
         match result {
             Ok(()) => {
                 ok_streak += 1;
                 fail_streak = 0;
-                if !was_up && ok_streak >= hc.rise {
+                if status.pending {
+                    // A discovered backend takes traffic after its first passing check.
+                    up.pool.update_entry_status(&entry, |s| {
+                        s.up = true;
+                        s.pending = false;
+                    });
+                    entry.metrics.health.to_up.inc();
+                    tracing::info!(upstream = %up.name, backend = %id, address = %addr, source = entry.source.as_str(), "new backend is up: its first health check passed");
+                } else if !status.up && ok_streak >= hc.rise {
                     // Back up: a passive ejection from while it was down ends too (Envoy's
                     // successful_active_health_check_uneject_host).
-                    up.pool.update_status(&id, |s| {
+                    up.pool.update_entry_status(&entry, |s| {
                         s.up = true;
                         s.ejected_until = None;
                     });
@@ -138,11 +174,15 @@ async fn check_loop(up: Arc<Upstream>, id: String, addr: std::net::SocketAddr, s
             Err(reason) => {
                 fail_streak += 1;
                 ok_streak = 0;
-                if was_up && fail_streak >= hc.fall {
-                    up.pool.update_status(&id, |s| s.up = false);
+                if status.pending {
+                    if fail_streak == 1 {
+                        tracing::info!(upstream = %up.name, backend = %id, address = %addr, source = entry.source.as_str(), "new backend is not taking traffic yet: {reason}; it will once a health check passes");
+                    }
+                } else if status.up && fail_streak >= hc.fall {
+                    up.pool.update_entry_status(&entry, |s| s.up = false);
                     entry.metrics.health.to_down.inc();
                     tracing::warn!(upstream = %up.name, backend = %id, address = %addr, checks = fail_streak, "backend is down: {reason} ({fail_streak} checks in a row)");
-                } else if was_up {
+                } else if status.up {
                     tracing::debug!(upstream = %up.name, backend = %id, address = %addr, "health check failed: {reason}");
                 }
             }
@@ -349,7 +389,7 @@ async fn passive(lookup: Lookup, mut receiver: Receiver, stop: CancellationToken
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::{BackendEntry, Pool};
+    use crate::pool::{Pool, Source};
     use std::net::SocketAddr;
     use std::time::Duration;
 
@@ -358,7 +398,7 @@ mod tests {
             (0..n)
                 .map(|i| {
                     let addr = SocketAddr::from(([127, 0, 0, 1], 9100 + i));
-                    Arc::new(BackendEntry::new(format!("b{i}"), addr, 1, String::new(), vec![]))
+                    Arc::new(BackendEntry::new(format!("b{i}"), addr, String::new(), vec![], Source::Static))
                 })
                 .collect(),
         )

@@ -17,7 +17,11 @@ use std::sync::atomic::Ordering::Relaxed;
 /// The whole exposition, `# EOF` included.
 pub fn encode(gw: &Gateway) -> String {
     let mut registry = Registry::with_prefix("gateway");
-    registry.register_collector(Box::new(Scrape { view: gw.view(), access_log: gw.proxy.access_log.clone() }));
+    registry.register_collector(Box::new(Scrape {
+        view: gw.view(),
+        access_log: gw.proxy.access_log.clone(),
+        discovery: gw.discovery.states(),
+    }));
     let mut out = String::with_capacity(64 * 1024);
     if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
         tracing::error!("encoding /metrics failed");
@@ -29,6 +33,7 @@ pub fn encode(gw: &Gateway) -> String {
 struct Scrape {
     view: Arc<View>,
     access_log: Option<Arc<crate::access_log::AccessLog>>,
+    discovery: std::collections::HashMap<String, crate::discovery::SourceState>,
 }
 
 type Labels<'a> = Vec<(&'static str, &'a str)>;
@@ -179,6 +184,7 @@ impl prometheus_client::collector::Collector for Scrape {
         let (mut latency, mut bytes_in, mut bytes_out, mut active, mut failures) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut up, mut healthy, mut drained, mut ejected) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut pending = Vec::new();
         let (mut ejections, mut transitions, mut check_failures, mut check_duration) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (u, snap) in &snaps {
@@ -203,6 +209,9 @@ impl prometheus_client::collector::Collector for Scrape {
                 healthy.push((labels.clone(), bool_gauge(member.status.healthy())));
                 drained.push((labels.clone(), bool_gauge(member.status.drained)));
                 ejected.push((labels.clone(), bool_gauge(member.status.ejected_until.is_some())));
+                if e.source != crate::pool::Source::Static {
+                    pending.push((labels.clone(), bool_gauge(member.status.pending)));
+                }
                 ejections.push((labels.clone(), m.health.ejections.get()));
                 for (to, n) in [("up", m.health.to_up.get()), ("down", m.health.to_down.get())] {
                     let mut l = labels.clone();
@@ -245,6 +254,29 @@ impl prometheus_client::collector::Collector for Scrape {
         )?;
         gauge(&mut enc, "backend_drained", "1 if an operator drained the backend.", &drained)?;
         gauge(&mut enc, "backend_ejected", "1 if passive health ejected the backend for now.", &ejected)?;
+        gauge(
+            &mut enc,
+            "backend_pending",
+            "1 if a discovered backend waits for its first passing health check (no traffic yet), else 0.",
+            &pending,
+        )?;
+        let mut sources: Vec<(&String, &crate::discovery::SourceState)> = self.discovery.iter().collect();
+        sources.sort_by_key(|(name, _)| *name);
+        let instances: Vec<_> = sources
+            .iter()
+            .map(|(name, s)| (vec![("upstream", name.as_str()), ("source", s.source)], s.instances as i64))
+            .collect();
+        gauge(&mut enc, "discovery_instances", "Instances in the last set a discovery source published.", &instances)?;
+        let errors: Vec<_> = sources
+            .iter()
+            .map(|(name, s)| (vec![("upstream", name.as_str()), ("source", s.source)], s.errors))
+            .collect();
+        counter(
+            &mut enc,
+            "discovery_errors",
+            "Failed discovery lookups (DNS); the last known backends kept serving.",
+            &errors,
+        )?;
         counter(&mut enc, "backend_ejections", "Passive ejections after consecutive failures.", &ejections)?;
         counter(
             &mut enc,

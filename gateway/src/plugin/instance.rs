@@ -536,7 +536,7 @@ impl Binding {
             .map(|m| WitBackend {
                 id: m.entry.id.clone(),
                 address: m.entry.addr.to_string(),
-                weight: m.entry.weight,
+                weight: m.weight,
                 zone: m.entry.zone.clone(),
                 labels: m.entry.labels.clone(),
                 healthy: m.status.healthy(),

@@ -16,6 +16,28 @@ use std::time::Instant;
 
 pub use stats::{ActiveGuard, BackendStats};
 
+/// Where a backend came from: the config file, or a discovery source (see `discovery/`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// `backends` in the config (or `-b` on the command line).
+    Static,
+    /// Registered through the embedded registry API.
+    Registry,
+    /// Resolved from DNS (A/AAAA or SRV records).
+    Dns,
+}
+
+impl Source {
+    /// The name shown in the admin API and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Static => "static",
+            Source::Registry => "registry",
+            Source::Dns => "dns",
+        }
+    }
+}
+
 /// A backend's identity and live counters; the same `Arc` across snapshots.
 #[derive(Debug)]
 pub struct BackendEntry {
@@ -25,19 +47,23 @@ pub struct BackendEntry {
     pub addr: SocketAddr,
     /// `addr` as an URI authority, for building upstream request URIs without formatting.
     pub authority: http::uri::Authority,
-    /// Relative weight (≥ 1).
-    pub weight: u32,
     /// Zone / region, may be empty.
     pub zone: String,
     /// Labels, sorted by key.
     pub labels: Vec<(String, String)>,
+    /// Where it came from.
+    pub source: Source,
     /// Live counters.
     pub stats: BackendStats,
     /// Requests, bytes, latency and health-check results, for `/metrics` and the stats page.
     pub metrics: crate::metrics::BackendMetrics,
-    /// Small unique number: the index of this backend in per-worker tables (idle
-    /// connections), so the hot path needs no hashing.
+    /// Small unique number among the live entries: the index of this backend in
+    /// per-worker tables (idle connections), so the hot path needs no hashing. Reused
+    /// once the entry is gone, so tables stay as small as the pools under churn.
     pub key: usize,
+    /// Never reused: tells a table slot whose `key` was recycled that it now belongs to
+    /// another backend.
+    pub serial: u64,
     /// Wakes the requests waiting for this backend's response headers when it goes down.
     pub down: DownSignal,
 }
@@ -82,24 +108,71 @@ impl DownSignal {
 
 impl BackendEntry {
     /// A new entry with zeroed stats.
-    pub fn new(id: String, addr: SocketAddr, weight: u32, zone: String, labels: Vec<(String, String)>) -> Self {
+    pub fn new(id: String, addr: SocketAddr, zone: String, labels: Vec<(String, String)>, source: Source) -> Self {
         let authority = addr.to_string().parse().expect("a socket address is a valid authority");
-        static NEXT_KEY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let key = NEXT_KEY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        static NEXT_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let serial = NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let metrics = crate::metrics::BackendMetrics::default();
         metrics.state_changed();
         BackendEntry {
             id,
             addr,
             authority,
-            weight: weight.max(1),
             zone,
             labels,
+            source,
             stats: BackendStats::default(),
             metrics,
-            key,
+            key: keys::take(),
+            serial,
             down: DownSignal::default(),
         }
+    }
+}
+
+impl Drop for BackendEntry {
+    fn drop(&mut self) {
+        keys::give_back(self.key);
+    }
+}
+
+/// The small numbers behind [`BackendEntry::key`]: the lowest free one is handed out.
+/// Taken and returned only when a backend joins or its last reference goes, never
+/// per request.
+mod keys {
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+
+    pub(super) struct Keys {
+        next: usize,
+        free: BTreeSet<usize>,
+    }
+
+    impl Keys {
+        pub(super) const fn new() -> Self {
+            Keys { next: 0, free: BTreeSet::new() }
+        }
+
+        pub(super) fn take(&mut self) -> usize {
+            self.free.pop_first().unwrap_or_else(|| {
+                self.next += 1;
+                self.next - 1
+            })
+        }
+
+        pub(super) fn give_back(&mut self, key: usize) {
+            self.free.insert(key);
+        }
+    }
+
+    static KEYS: Mutex<Keys> = Mutex::new(Keys::new());
+
+    pub(super) fn take() -> usize {
+        KEYS.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    pub(super) fn give_back(key: usize) {
+        KEYS.lock().unwrap_or_else(|e| e.into_inner()).give_back(key);
     }
 }
 
@@ -112,11 +185,17 @@ pub struct Status {
     pub ejected_until: Option<Instant>,
     /// An operator drained it.
     pub drained: bool,
+    /// Discovered and waiting for its first passing health check (`up` is false until
+    /// then).
+    pub pending: bool,
 }
 
 impl Status {
     /// Up, not ejected, not drained.
-    pub const UP: Status = Status { up: true, ejected_until: None, drained: false };
+    pub const UP: Status = Status { up: true, ejected_until: None, drained: false, pending: false };
+
+    /// Just discovered, not yet checked: takes no traffic until a health check passes.
+    pub const PENDING: Status = Status { up: false, ejected_until: None, drained: false, pending: true };
 
     /// Whether new requests may be sent to it.
     pub fn healthy(&self) -> bool {
@@ -131,6 +210,16 @@ pub struct Member {
     pub entry: Arc<BackendEntry>,
     /// Health as of this snapshot.
     pub status: Status,
+    /// Relative weight (≥ 1) as of this snapshot: a discovery source (an SRV record, a
+    /// re-registration) may change it without replacing the entry.
+    pub weight: u32,
+}
+
+impl Member {
+    /// A member with weight `weight` (at least 1).
+    pub fn new(entry: Arc<BackendEntry>, status: Status, weight: u32) -> Self {
+        Member { entry, status, weight: weight.max(1) }
+    }
 }
 
 /// The backends of one upstream at one moment. Never mutated once published.
@@ -173,12 +262,15 @@ fn next_generation() -> u64 {
 pub struct Pool {
     current: ArcSwap<PoolSnapshot>,
     write: Mutex<()>,
+    /// Bumped when backends join or leave (not on status changes), so the health checker
+    /// starts and stops its per-backend checks.
+    membership: tokio::sync::watch::Sender<u64>,
 }
 
 impl Pool {
-    /// A pool of `entries`, all up.
+    /// A pool of `entries`, all up, weight 1.
     pub fn new(entries: Vec<Arc<BackendEntry>>) -> Self {
-        Self::with_members(entries.into_iter().map(|entry| Member { entry, status: Status::UP }).collect())
+        Self::with_members(entries.into_iter().map(|entry| Member::new(entry, Status::UP, 1)).collect())
     }
 
     /// A pool of these members with their statuses (a reload carries statuses over).
@@ -186,7 +278,36 @@ impl Pool {
         for m in &members {
             m.entry.down.set(&m.status);
         }
-        Pool { current: ArcSwap::from_pointee(PoolSnapshot::new(next_generation(), members)), write: Mutex::new(()) }
+        Pool {
+            current: ArcSwap::from_pointee(PoolSnapshot::new(next_generation(), members)),
+            write: Mutex::new(()),
+            membership: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// Wakes when backends join or leave the pool.
+    pub fn watch_membership(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.membership.subscribe()
+    }
+
+    /// Replaces the members with what `f` makes of the current ones (`None`: no change)
+    /// and publishes that as a new generation. The writer of discovery sources: `f` runs
+    /// under the pool's write lock, so no status change made meanwhile is lost.
+    pub fn replace(&self, f: impl FnOnce(&PoolSnapshot) -> Option<Vec<Member>>) -> Option<Arc<PoolSnapshot>> {
+        let _writer = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = self.current.load_full();
+        let members = f(&cur)?;
+        let joined_or_left = members.len() != cur.members.len()
+            || members.iter().zip(&cur.members).any(|(a, b)| !Arc::ptr_eq(&a.entry, &b.entry));
+        for m in &members {
+            m.entry.down.set(&m.status);
+        }
+        let next = Arc::new(PoolSnapshot::new(next_generation(), members));
+        self.current.store(next.clone());
+        if joined_or_left {
+            self.membership.send_modify(|n| *n += 1);
+        }
+        Some(next)
     }
 
     /// The current snapshot (hot path: no lock, no allocation).
@@ -202,9 +323,23 @@ impl Pool {
     /// Changes the status of the backend `id` with `f`; publishes a new generation if
     /// that changed anything. Returns the new status, or `None` if no such backend.
     pub fn update_status(&self, id: &str, f: impl FnOnce(&mut Status)) -> Option<Status> {
+        self.update_status_where(|e| e.id == id, f)
+    }
+
+    /// Like [`Pool::update_status`], for this very entry (not another backend that has
+    /// since taken its id).
+    pub fn update_entry_status(&self, entry: &Arc<BackendEntry>, f: impl FnOnce(&mut Status)) -> Option<Status> {
+        self.update_status_where(|e| std::ptr::eq(e, &**entry), f)
+    }
+
+    fn update_status_where(
+        &self,
+        which: impl Fn(&BackendEntry) -> bool,
+        f: impl FnOnce(&mut Status),
+    ) -> Option<Status> {
         let _writer = self.write.lock().unwrap_or_else(|e| e.into_inner());
         let cur = self.current.load_full();
-        let index = cur.position(id)?;
+        let index = cur.members.iter().position(|m| which(&m.entry))?;
         let mut status = cur.members[index].status;
         f(&mut status);
         if status != cur.members[index].status {
@@ -229,7 +364,7 @@ mod tests {
             (0..n)
                 .map(|i| {
                     let addr = SocketAddr::from(([127, 0, 0, 1], 9000 + i));
-                    Arc::new(BackendEntry::new(addr.to_string(), addr, 1, String::new(), vec![]))
+                    Arc::new(BackendEntry::new(addr.to_string(), addr, String::new(), vec![], Source::Static))
                 })
                 .collect(),
         )
@@ -279,5 +414,35 @@ mod tests {
             s.ejected_until = None;
         });
         assert!(!entry.down.is_down());
+    }
+
+    #[test]
+    fn keys_of_gone_entries_are_reused_lowest_first_and_serials_are_not() {
+        let mut k = keys::Keys::new();
+        let taken: Vec<usize> = (0..4).map(|_| k.take()).collect();
+        assert_eq!(taken, [0, 1, 2, 3]);
+        k.give_back(2);
+        k.give_back(1);
+        assert_eq!((k.take(), k.take(), k.take()), (1, 2, 4), "churn never grows the table past the live count");
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        let a = BackendEntry::new("a".into(), addr, String::new(), vec![], Source::Registry);
+        let b = BackendEntry::new("a".into(), addr, String::new(), vec![], Source::Registry);
+        assert!(b.serial > a.serial);
+    }
+
+    #[test]
+    fn replacing_members_wakes_the_membership_watch_only_when_entries_change() {
+        let p = pool(2);
+        let mut watch = p.watch_membership();
+        let before = *watch.borrow_and_update();
+        // Same entries, another weight: a new generation, no membership change.
+        let snap = p.replace(|cur| Some(cur.members.iter().map(|m| Member { weight: 5, ..m.clone() }).collect()));
+        assert_eq!(snap.unwrap().members[0].weight, 5);
+        assert!(!watch.has_changed().unwrap());
+        p.replace(|cur| Some(cur.members[..1].to_vec()));
+        assert!(watch.has_changed().unwrap());
+        assert!(*watch.borrow_and_update() > before);
+        assert!(p.replace(|_| None).is_none());
+        assert_eq!(p.load().members.len(), 1);
     }
 }

@@ -169,6 +169,9 @@ struct Slot {
     /// The transport the connections were made with; another one (a reload changed the
     /// upstream's protocol or TLS) drops them.
     transport: Option<Arc<Transport>>,
+    /// The backend ([`BackendEntry::serial`]) the connections go to: a key is reused
+    /// once its backend is gone, and the next one drops them.
+    owner: u64,
     /// Bumped when the connections are dropped for another transport: an HTTP/1.1
     /// connection of an older generation does not come back.
     generation: u32,
@@ -260,7 +263,7 @@ impl Conns {
         let key = backend.key;
         let mut req = req;
         loop {
-            let (taken, generation) = self.take(key, transport);
+            let (taken, generation) = self.take(backend, transport);
             let (mut sender, fresh) = match taken {
                 Some(s) => (s, false),
                 None => (self.connect_h1(backend, transport, connect_timeout).await?, true),
@@ -287,13 +290,15 @@ impl Conns {
     }
 
     /// The backend's slot, its connections dropped first if they were made for another
-    /// transport.
-    fn slot<'a>(slots: &'a mut Vec<Slot>, key: usize, transport: &Arc<Transport>) -> &'a mut Slot {
+    /// transport or another backend.
+    fn slot<'a>(slots: &'a mut Vec<Slot>, backend: &BackendEntry, transport: &Arc<Transport>) -> &'a mut Slot {
+        let key = backend.key;
         if slots.len() <= key {
             slots.resize_with(key + 1, Slot::default);
         }
         let slot = &mut slots[key];
-        if !slot.transport.as_ref().is_some_and(|t| Arc::ptr_eq(t, transport)) {
+        if slot.owner != backend.serial || !slot.transport.as_ref().is_some_and(|t| Arc::ptr_eq(t, transport)) {
+            slot.owner = backend.serial;
             slot.transport = Some(transport.clone());
             slot.generation = slot.generation.wrapping_add(1);
             slot.idle.clear();
@@ -302,9 +307,13 @@ impl Conns {
         slot
     }
 
-    fn take(&self, key: usize, transport: &Arc<Transport>) -> (Option<http1::SendRequest<AttemptBody>>, u32) {
+    fn take(
+        &self,
+        backend: &BackendEntry,
+        transport: &Arc<Transport>,
+    ) -> (Option<http1::SendRequest<AttemptBody>>, u32) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = Self::slot(&mut slots, key, transport);
+        let slot = Self::slot(&mut slots, backend, transport);
         while let Some((sender, _)) = slot.idle.pop() {
             if !sender.is_closed() {
                 return (Some(sender), slot.generation);
@@ -323,7 +332,7 @@ impl Conns {
         let mut req = h2_request(req, transport, backend);
         let key = backend.key;
         loop {
-            let (mut sender, streams, fresh) = match self.pick_h2(key, transport) {
+            let (mut sender, streams, fresh) = match self.pick_h2(backend, transport) {
                 Pick::Conn(sender, streams) => (sender, streams, false),
                 Pick::Wait(opened, attempt) => {
                     // Bounded: the connection being opened gives up within its timeout.
@@ -342,7 +351,7 @@ impl Conns {
                     let _opening = Opening { conns: self, key };
                     let opened = self.connect_h2(backend, transport, connect_timeout).await;
                     let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-                    let slot = Self::slot(&mut slots, key, transport);
+                    let slot = Self::slot(&mut slots, backend, transport);
                     match opened {
                         Ok(sender) => {
                             let streams = Arc::new(AtomicUsize::new(0));
@@ -374,10 +383,10 @@ impl Conns {
     }
 
     /// A shared connection with a free stream, or what to do when there is none.
-    fn pick_h2(&self, key: usize, transport: &Arc<Transport>) -> Pick {
+    fn pick_h2(&self, backend: &BackendEntry, transport: &Arc<Transport>) -> Pick {
         let tick = self.tick.load(Ordering::Relaxed);
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = Self::slot(&mut slots, key, transport);
+        let slot = Self::slot(&mut slots, backend, transport);
         slot.h2.retain(|c| !c.sender.is_closed());
         if let Some(c) = slot.h2.iter_mut().find(|c| c.streams.load(Ordering::Relaxed) < transport.max_streams) {
             c.last_used = tick;
@@ -574,6 +583,7 @@ async fn sweep(conns: std::sync::Weak<Conns>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool::Source;
 
     fn upstream(yaml: &str) -> config::Upstream {
         serde_yaml::from_str(yaml).expect("valid upstream")
@@ -597,11 +607,13 @@ mod tests {
     #[test]
     fn h2_requests_are_absolute_with_the_host_as_authority() {
         let t = Transport::new(&upstream("backends: [{address: 127.0.0.1:1}]\nprotocol: h2c")).unwrap();
-        let entry = BackendEntry::new("b".into(), "127.0.0.1:1".parse().unwrap(), 1, String::new(), Vec::new());
+        let entry =
+            BackendEntry::new("b".into(), "127.0.0.1:1".parse().unwrap(), String::new(), Vec::new(), Source::Static);
         let mut req = Request::new(super::super::body::RequestBody::Empty.attempt(&Arc::new(entry)));
         *req.uri_mut() = Uri::from_static("/svc/Method?x=1");
         req.headers_mut().insert(header::HOST, header::HeaderValue::from_static("api.example"));
-        let entry = BackendEntry::new("b".into(), "127.0.0.1:1".parse().unwrap(), 1, String::new(), Vec::new());
+        let entry =
+            BackendEntry::new("b".into(), "127.0.0.1:1".parse().unwrap(), String::new(), Vec::new(), Source::Static);
         let req = h2_request(req, &t, &entry);
         assert_eq!(req.uri(), "http://api.example/svc/Method?x=1");
         assert!(req.headers().get(header::HOST).is_none());

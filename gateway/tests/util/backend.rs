@@ -81,8 +81,24 @@ impl Backend {
         Self::launch(name, None, latency)
     }
 
+    /// A backend listening on `addr` (e.g. another loopback address with a given port),
+    /// or why it cannot.
+    pub fn bind(name: &str, addr: SocketAddr) -> std::io::Result<Backend> {
+        let listener = std::net::TcpListener::bind(addr)?;
+        Ok(Self::with_listener(name, listener, None, Duration::ZERO))
+    }
+
     fn launch(name: &str, fail_status: Option<StatusCode>, latency: Duration) -> Backend {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+        Self::with_listener(name, listener, fail_status, latency)
+    }
+
+    fn with_listener(
+        name: &str,
+        listener: std::net::TcpListener,
+        fail_status: Option<StatusCode>,
+        latency: Duration,
+    ) -> Backend {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State { name: name.to_owned(), fail_status, latency, hits: Mutex::new(Vec::new()) });
         let backend = Backend { name: name.to_owned(), addr, state, running: Mutex::new(None) };

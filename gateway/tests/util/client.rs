@@ -106,7 +106,18 @@ pub fn request_with_headers(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<Reply, String> {
-    let mut req = build(addr, method, path, None);
+    request_full(addr, method, path, headers, None)
+}
+
+/// `METHOD path` with extra request headers and an optional body, on a fresh connection.
+pub fn request_full(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Result<Reply, String> {
+    let mut req = build(addr, method, path, body);
     for (name, value) in headers {
         let name = hyper::header::HeaderName::from_bytes(name.as_bytes()).expect("a valid header name");
         req.headers_mut().append(name, value.parse().expect("a valid header value"));
@@ -143,9 +154,24 @@ impl KeepAlive {
 
     /// `GET path` on this connection.
     pub fn get(&mut self, path: &str) -> Result<Reply, String> {
-        let req = build(self.addr, "GET", path, None);
+        self.send("GET", path, &[], None)
+    }
+
+    /// `METHOD path` with extra headers and an optional body, on this connection.
+    pub fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Result<Reply, String> {
+        let mut req = build(self.addr, method, path, body);
+        for (name, value) in headers {
+            let name = hyper::header::HeaderName::from_bytes(name.as_bytes()).expect("a valid header name");
+            req.headers_mut().append(name, value.parse().expect("a valid header value"));
+        }
         let sender = &mut self.sender;
-        block(&format!("GET {path}"), async {
+        block(&format!("{method} {path}"), async {
             sender.ready().await.map_err(|e| format!("connection closed: {e}"))?;
             into_reply(sender.send_request(req).await.map_err(|e| e.to_string())?).await
         })?

@@ -27,8 +27,10 @@ pub use backend::{BIG_BYTES, Backend, Hit};
 pub use browser::{Browser, set_cookies};
 pub use certs::{Ca, Issued};
 pub use chromium::Chromium;
-pub use client::{Download, KeepAlive, Reply, download, get, get_h2c, request, request_with_headers, try_get, upload};
-pub use gateway::{CliOutput, Gateway, message, run_cli, run_cli_with_env};
+pub use client::{
+    Download, KeepAlive, Reply, download, get, get_h2c, request, request_full, request_with_headers, try_get, upload,
+};
+pub use gateway::{BIN, CliOutput, Gateway, message, run_cli, run_cli_with_env};
 pub use temp::TempDir;
 pub use traffic::{Traffic, install};
 pub use tunable::TunableBackend;

@@ -1,0 +1,333 @@
+//! DNS discovery against a real DNS server: Debian's `dnsmasq` on a high loopback port
+//! (installed by scripts/test.sh), serving A records from a hosts file (re-read on
+//! SIGHUP) and SRV records from its command line (restarted to change them). Under
+//! continuous traffic the gateway follows an added record, a removed one and a changed
+//! SRV weight within one refresh, with zero failed requests; a DNS server that stops
+//! answering leaves the last known backends serving.
+
+mod util;
+
+use serde_json::Value;
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use util::{Backend, Gateway, KeepAlive, TempDir, poll_until};
+
+/// A dnsmasq process on `127.0.0.1:port`; stopped (by PID) when dropped.
+struct Dnsmasq {
+    child: Option<Child>,
+    port: u16,
+    hosts: PathBuf,
+    srv: Vec<String>,
+}
+
+impl Dnsmasq {
+    /// Starts dnsmasq with A records from `hosts` (a hosts file) and `srv` records
+    /// (`--srv-host` values), on a free port.
+    fn start(hosts: PathBuf, srv: Vec<String>) -> Dnsmasq {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut d = Dnsmasq { child: None, port, hosts, srv };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let bin = if std::path::Path::new("/usr/sbin/dnsmasq").exists() { "/usr/sbin/dnsmasq" } else { "dnsmasq" };
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            &format!("--port={}", self.port),
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--no-resolv",
+            "--no-hosts",
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--pid-file=",
+            "--local-ttl=1",
+            "--log-facility=-",
+            &format!("--addn-hosts={}", self.hosts.display()),
+        ]);
+        if nix_is_root() {
+            cmd.arg("--user=root");
+        }
+        for s in &self.srv {
+            cmd.arg(format!("--srv-host={s}"));
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start dnsmasq (scripts/test.sh installs Debian's dnsmasq-base)");
+        self.child = Some(child);
+        // Ready once it answers on TCP.
+        poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()
+        })
+        .expect("dnsmasq listens");
+    }
+
+    /// Re-reads the hosts file (SIGHUP).
+    fn reload(&self) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    }
+
+    /// Restarts it with other SRV records.
+    fn restart_with(&mut self, srv: Vec<String>) {
+        self.stop();
+        self.srv = srv;
+        self.spawn();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:").map(|v| v.split_whitespace().next() == Some("0"))))
+        .unwrap_or(false)
+}
+
+/// What the client saw: (when, backend name or error).
+type Seen = Arc<Mutex<VecDeque<(Instant, Result<String, String>)>>>;
+
+/// Requests without pause on one keep-alive connection, until stopped (at most 3 min).
+struct Traffic {
+    seen: Seen,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl Traffic {
+    fn start(addr: SocketAddr) -> Traffic {
+        let seen: Seen = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, st) = (seen.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut conn = KeepAlive::open(addr).expect("connect");
+            let deadline = Instant::now() + Duration::from_secs(180);
+            let mut sent = 0u64;
+            while !st.load(Ordering::Relaxed) && Instant::now() < deadline && sent < 2_000_000 {
+                let result = match conn.get("/") {
+                    Ok(r) if r.status == 200 => Ok(r.body.trim().to_owned()),
+                    Ok(r) => Err(format!("status {}: {}", r.status, r.body)),
+                    Err(e) => {
+                        conn = KeepAlive::open(addr).expect("reconnect");
+                        Err(e)
+                    }
+                };
+                let mut q = s.lock().unwrap();
+                q.push_back((Instant::now(), result));
+                if q.len() > 200_000 {
+                    q.pop_front();
+                }
+                drop(q);
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            sent
+        });
+        Traffic { seen, stop, thread: Some(thread) }
+    }
+
+    /// Waits (≤ `within`) until the last 40 answers after `since` satisfy `ok`.
+    fn wait_for(&self, since: Instant, within: Duration, what: &str, ok: impl Fn(&[String]) -> bool) -> Duration {
+        let found = poll_until(within, Duration::from_millis(20), || {
+            let answers: Vec<String> = self
+                .seen
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(t, _)| *t > since)
+                .filter_map(|(_, r)| r.clone().ok())
+                .collect();
+            (answers.len() >= 40 && ok(&answers[answers.len() - 40..])).then(|| since.elapsed())
+        });
+        found.unwrap_or_else(|| panic!("within {within:?}: {what}; last answers: {:?}", self.last(40)))
+    }
+
+    fn last(&self, n: usize) -> Vec<Result<String, String>> {
+        let q = self.seen.lock().unwrap();
+        q.iter().rev().take(n).map(|(_, r)| r.clone()).collect()
+    }
+
+    /// Stops; returns (requests sent, failures).
+    fn finish(mut self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let sent = self.thread.take().unwrap().join().unwrap();
+        let failures = self.seen.lock().unwrap().iter().filter_map(|(_, r)| r.clone().err()).collect();
+        (sent, failures)
+    }
+}
+
+/// Two backends on one port at two loopback addresses (A records carry no port).
+fn same_port_backends(names: &[&str]) -> (u16, Vec<Backend>) {
+    for _ in 0..50 {
+        let port = std::net::TcpListener::bind("127.0.0.2:0").unwrap().local_addr().unwrap().port();
+        let bound: Result<Vec<Backend>, _> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Backend::bind(n, SocketAddr::new(IpAddr::from([127, 0, 0, 2 + i as u8]), port)))
+            .collect();
+        if let Ok(b) = bound {
+            return (port, b);
+        }
+    }
+    panic!("no port free on 127.0.0.2-4");
+}
+
+fn gateway(dir: &TempDir, discovery: &str, strategy: &str) -> Gateway {
+    let config = format!(
+        "listeners: [{{address: 127.0.0.1:0}}]\nthreads: 2\naccess_log: false\nupstreams:\n  books:\n    strategy: {{plugin: {strategy}}}\n    health_check: {{path: /healthz, interval: 200ms, timeout: 500ms}}\n    discovery:\n      dns: {discovery}\n"
+    );
+    Gateway::with_config(&dir.write("gw.yaml", config), dir.path())
+}
+
+fn backends(admin: SocketAddr) -> Vec<Value> {
+    let (status, body) = util::get(admin, "/api/upstreams");
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    v["upstreams"][0]["backends"].as_array().unwrap().clone()
+}
+
+#[test]
+fn a_records_are_followed_under_traffic_and_a_dns_outage_keeps_the_pool() {
+    let dir = TempDir::new();
+    let (port, b) = same_port_backends(&["a1", "a2", "a3"]);
+    let hosts = dir.write("hosts", "127.0.0.2 books.service.test\n127.0.0.3 books.service.test\n");
+    let mut dns = Dnsmasq::start(hosts.clone(), vec![]);
+    let gw = gateway(
+        &dir,
+        &format!("{{name: books.service.test, port: {port}, resolver: \"127.0.0.1:{}\", refresh: 1s}}", dns.port),
+        "round-robin",
+    );
+    let admin = gw.admin_addr();
+    poll_until(Duration::from_secs(15), Duration::from_millis(50), || {
+        let bs = backends(admin);
+        (bs.len() == 2 && bs.iter().all(|b| b["state"] == "up")).then_some(())
+    })
+    .expect("both A records become backends");
+    let ids: Vec<String> = backends(admin).iter().map(|b| b["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(ids, [b[0].addr().to_string(), b[1].addr().to_string()]);
+    assert!(backends(admin).iter().all(|b| b["source"] == "dns"));
+    let traffic = Traffic::start(gw.addr);
+    traffic.wait_for(Instant::now(), Duration::from_secs(10), "a1 and a2 serve", |a| {
+        a.iter().any(|n| n == "a1") && a.iter().any(|n| n == "a2")
+    });
+
+    // Add a record.
+    std::fs::write(
+        &hosts,
+        "127.0.0.2 books.service.test\n127.0.0.3 books.service.test\n127.0.0.4 books.service.test\n",
+    )
+    .unwrap();
+    dns.reload();
+    let since = Instant::now();
+    let took = traffic.wait_for(since, Duration::from_secs(10), "a3 takes traffic", |a| a.iter().any(|n| n == "a3"));
+    println!("added A record serving after {took:?}");
+    // One refresh (1 s), plus a health check (200 ms), plus slack for a loaded machine.
+    assert!(took < Duration::from_secs(5), "{took:?}");
+
+    // Remove one.
+    std::fs::write(&hosts, "127.0.0.3 books.service.test\n127.0.0.4 books.service.test\n").unwrap();
+    dns.reload();
+    let since = Instant::now();
+    let took =
+        traffic.wait_for(since, Duration::from_secs(10), "a1 gets no more traffic", |a| a.iter().all(|n| n != "a1"));
+    println!("removed A record out of rotation after {took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+
+    // The DNS server goes away: lookups fail, the last known backends keep serving.
+    let mark = gw.log_mark();
+    dns.stop();
+    gw.wait_for_log_after(mark, Duration::from_secs(15), |l| {
+        util::message(l).starts_with("DNS lookup failed; keeping the last known backends")
+    });
+    let since = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    traffic.wait_for(since, Duration::from_secs(5), "a2 and a3 still serve", |a| {
+        a.iter().any(|n| n == "a2") && a.iter().any(|n| n == "a3")
+    });
+    let (status, body) = util::get(admin, "/api/upstreams");
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(v["upstreams"][0]["discovery"]["last_error"].is_string(), "{}", v["upstreams"][0]["discovery"]);
+
+    let (sent, failures) = traffic.finish();
+    println!("{sent} requests, {} failed", failures.len());
+    assert!(failures.is_empty(), "failed requests: {:?}", &failures[..failures.len().min(10)]);
+    drop(b);
+}
+
+#[test]
+fn srv_records_give_ports_and_weights_and_are_followed_under_traffic() {
+    let dir = TempDir::new();
+    let s: Vec<Backend> = ["s1", "s2", "s3"].iter().map(|n| Backend::new(n)).collect();
+    let hosts = dir.write("hosts", "127.0.0.1 s1.service.test\n127.0.0.1 s2.service.test\n127.0.0.1 s3.service.test\n");
+    let srv = |which: &[(usize, u16)]| -> Vec<String> {
+        which
+            .iter()
+            .map(|(i, w)| format!("_books._tcp.service.test,s{}.service.test,{},0,{w}", i + 1, s[*i].addr().port()))
+            .collect()
+    };
+    let mut dns = Dnsmasq::start(hosts, srv(&[(0, 10), (1, 10)]));
+    let gw = gateway(
+        &dir,
+        &format!("{{name: _books._tcp.service.test, type: srv, resolver: \"127.0.0.1:{}\", refresh: 1s}}", dns.port),
+        "weighted-round-robin",
+    );
+    let admin = gw.admin_addr();
+    poll_until(Duration::from_secs(15), Duration::from_millis(50), || {
+        let bs = backends(admin);
+        (bs.len() == 2 && bs.iter().all(|b| b["state"] == "up" && b["weight"] == 10)).then_some(())
+    })
+    .expect("both SRV records become backends, with their ports and weights");
+    let traffic = Traffic::start(gw.addr);
+    traffic.wait_for(Instant::now(), Duration::from_secs(10), "s1 and s2 serve", |a| {
+        a.iter().any(|n| n == "s1") && a.iter().any(|n| n == "s2")
+    });
+
+    // Change a weight: s2 gets three times s1's share.
+    dns.restart_with(srv(&[(0, 10), (1, 30)]));
+    poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        backends(admin).iter().any(|b| b["id"] == s[1].addr().to_string() && b["weight"] == 30).then_some(())
+    })
+    .expect("the new SRV weight is applied");
+    assert!(backends(admin).iter().all(|b| b["state"] == "up"), "a weight change keeps the backend up");
+    let since = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let answers: Vec<String> =
+        traffic.seen.lock().unwrap().iter().filter(|(t, _)| *t > since).filter_map(|(_, r)| r.clone().ok()).collect();
+    let (n1, n2) = (answers.iter().filter(|n| *n == "s1").count(), answers.iter().filter(|n| *n == "s2").count());
+    assert!(n1 > 20 && n2 > 2 * n1 && n2 < 4 * n1, "s1 {n1}, s2 {n2}: expected about 1:3");
+
+    // Add one, remove one.
+    dns.restart_with(srv(&[(1, 30), (2, 10)]));
+    let since = Instant::now();
+    let took = traffic.wait_for(since, Duration::from_secs(10), "s3 serves, s1 no more", |a| {
+        a.iter().any(|n| n == "s3") && a.iter().all(|n| n != "s1")
+    });
+    println!("SRV change followed after {took:?}");
+    assert!(took < Duration::from_secs(6), "{took:?}");
+
+    let (sent, failures) = traffic.finish();
+    println!("{sent} requests, {} failed", failures.len());
+    assert!(failures.is_empty(), "failed requests: {:?}", &failures[..failures.len().min(10)]);
+}
