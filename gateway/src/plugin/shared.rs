@@ -204,7 +204,7 @@ mod tests {
 
     #[test]
     fn the_store_is_bounded_in_bytes_and_expired_keys_make_room_a_few_at_a_time() {
-        let ns = Namespace::new(StateLimits { kv_bytes: 100 * (10 + 100 + KV_ENTRY_OVERHEAD), counter_bytes: 200 });
+        let ns = Namespace::new(StateLimits { kv_bytes: 100 * (10 + 100 + KV_ENTRY_OVERHEAD), counter_bytes: 150 });
         let value = "v".repeat(100);
         for i in 0..100 {
             ns.kv_set(&format!("key-{i:06}"), &value, 1_000, 0).unwrap();
@@ -223,6 +223,6 @@ mod tests {
 
         assert!(ns.counter("a").is_ok() && ns.counter("b").is_ok() && ns.counter("a").is_ok());
         let err = ns.counter("c").unwrap_err();
-        assert!(err.starts_with("the counters are full: 2 counters take 130 of 200 bytes"), "{err}");
+        assert!(err.starts_with("the counters are full: 2 counters take 130 of 150 bytes"), "{err}");
     }
 }
