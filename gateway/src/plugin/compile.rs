@@ -96,9 +96,12 @@ pub(super) fn in_child(exe: &Path, dir: &Path, bytes: &[u8], what: &str) -> Resu
     let mut stdin = child.stdin.take().expect("piped stdin");
     let mut stderr = child.stderr.take().expect("piped stderr");
     let errors = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.by_ref().take(64 * 1024).read_to_string(&mut text);
-        text
+        // The first 64 KiB are the message; the rest is read and dropped, so that a
+        // child that writes more never blocks on a full pipe.
+        let mut text = Vec::new();
+        let _ = stderr.by_ref().take(64 * 1024).read_to_end(&mut text);
+        let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+        String::from_utf8_lossy(&text).into_owned()
     });
     // The child reads all of stdin before compiling; a write error means it died early,
     // which its exit status says.
