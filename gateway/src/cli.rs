@@ -259,6 +259,13 @@ pub enum PluginCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Internal: compile a component read from stdin into the compiled-plugin cache
+    /// folder DIR (the gateway runs itself with this to compile plugins out of process).
+    #[command(name = "compile-into-cache", hide = true)]
+    CompileIntoCache {
+        /// The cache folder.
+        dir: PathBuf,
+    },
     /// Write a built-in strategy out as a component file.
     Export {
         /// Built-in name, e.g. round-robin.

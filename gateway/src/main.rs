@@ -19,6 +19,15 @@ fn main() -> ExitCode {
     let format = cli.log_format();
     init_logging(format);
     cli.run.log_format = Some(format);
+    if !matches!(cli.command, Some(Command::Plugin { command: PluginCommand::CompileIntoCache { .. } })) {
+        // Plugin files compile in a child process (this binary again), so the compiler's
+        // memory, and any crash, stay out of this one.
+        let exe = std::path::Path::new("/proc/self/exe");
+        if let Some(exe) = exe.exists().then(|| exe.to_path_buf()).or_else(|| std::env::current_exe().ok()) {
+            gateway::plugin::compile_in_child(exe);
+        }
+        gateway::plugin::release_memory_with(release_memory);
+    }
     let result = match cli.command {
         None => commands::run(&cli.run),
         Some(Command::Demo { port, admin }) => commands::demo(port, admin),
@@ -31,6 +40,7 @@ fn main() -> ExitCode {
             PluginCommand::List { plugins } => commands::plugin_list(&plugins),
             PluginCommand::Export { name, output } => commands::plugin_export(&name, &output),
             PluginCommand::New { name, lang, dir } => commands::plugin_new(&name, lang, dir),
+            PluginCommand::CompileIntoCache { dir } => Ok(gateway::plugin::compile_child_main(&dir)),
         },
     };
     match result {
@@ -40,6 +50,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+// mimalloc's own API (linked with the allocator above).
+#[allow(unsafe_code)]
+unsafe extern "C" {
+    // SAFETY: `mi_collect(bool)` takes a plain flag and only walks mimalloc's own heaps and
+    // arenas; any thread may call it at any time.
+    safe fn mi_collect(force: bool);
+}
+
+/// Returns memory mimalloc holds freed but resident to the OS now, instead of at the
+/// freeing thread's next allocations (after a plugin load: tens of MB).
+fn release_memory() {
+    mi_collect(true);
 }
 
 /// Process logs on stderr: text (coloured only on a terminal) or one flat JSON object per line.

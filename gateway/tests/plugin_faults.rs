@@ -92,3 +92,122 @@ fn folder_plugin_by_its_own_name_falls_back_too() {
     assert_failure_logged(&gw, "trap");
     assert!(gw.is_running());
 }
+
+/// GETs in a loop on a thread until stopped: (answered 200 by `expected`, anything else).
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl Load {
+    fn start(addr: std::net::SocketAddr, expected: &'static str) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut ok, mut bad) = (0, Vec::new());
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                match util::try_get(addr, "/load") {
+                    Ok((200, body)) if body == expected => ok += 1,
+                    other => bad.push(format!("{other:?}")),
+                }
+            }
+            (ok, bad)
+        });
+        Load { stop, thread: Some(thread) }
+    }
+
+    fn finish(mut self) -> (usize, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().expect("the load thread")
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A valid core Wasm module (one exported function), which is not a component.
+fn core_module() -> Vec<u8> {
+    let mut m = b"\0asm\x01\0\0\0".to_vec();
+    m.extend([0x01, 0x04, 0x01, 0x60, 0x00, 0x00]); // type section: () -> ()
+    m.extend([0x03, 0x02, 0x01, 0x00]); // function section: one function of type 0
+    m.extend([0x07, 0x07, 0x01, 0x03, b'r', b'u', b'n', 0x00, 0x00]); // export "run"
+    m.extend([0x0a, 0x04, 0x01, 0x02, 0x00, 0x0b]); // code: an empty body
+    m
+}
+
+/// `component` with a custom section appended that makes it `total` bytes: still a
+/// valid component, just large.
+fn padded(component: &[u8], total: usize) -> Vec<u8> {
+    let name = b"padding";
+    let payload = total - component.len() - 1 - 5 - 1 - name.len();
+    let size = (1 + name.len() + payload) as u32;
+    let mut out = component.to_vec();
+    out.push(0); // custom section
+    // The size as a 5-byte LEB128, so that the total is exact.
+    for i in 0..5 {
+        let byte = ((size >> (7 * i)) & 0x7f) as u8;
+        out.push(if i < 4 { byte | 0x80 } else { byte });
+    }
+    out.push(name.len() as u8);
+    out.extend(name);
+    out.resize(total, 0);
+    out
+}
+
+#[test]
+fn hostile_files_dropped_in_by_hot_swap_are_refused_and_the_old_plugin_keeps_serving() {
+    let dir = TempDir::new();
+    let file = dir.copy(&test_plugin("first"), "probe.wasm");
+    let (b1, b2) = (Backend::new("backend-1"), Backend::new("backend-2"));
+    let mut gw = gateway(&dir, &[&b1, &b2], &["--strategy", "probe"]);
+    assert_loaded_from(&gw, &file);
+    // `first` sends everything to backend-1: any other answer means something else served.
+    assert_eq!(get(gw.addr, "/").1, "backend-1");
+    let rss_before = gw.rss_kib();
+    let load = Load::start(gw.addr, "backend-1");
+
+    let spin = std::fs::read(test_plugin("spin")).unwrap();
+    let mut broken = b"\0asm\x0d\0\x01\0".to_vec();
+    broken.extend([0xff; 64]);
+    let cases: [(&str, Vec<u8>, &str); 4] = [
+        (
+            "a component importing WASI sockets and filesystem",
+            std::fs::read(test_plugin("wasi-caps")).unwrap(),
+            "imports wasi:sockets/tcp@0.2.0, wasi:filesystem/types@0.2.0: plugins get no network, files or other system access",
+        ),
+        ("a core module", core_module(), "a core WebAssembly module, not a component"),
+        (
+            "a 50 MB component",
+            padded(&spin, 50 << 20),
+            "50.0 MiB, over the plugin file limit of 32 MiB (plugins.file_limit_mib",
+        ),
+        ("a broken component (compiled in the child process)", broken, "not a valid component"),
+    ];
+    for (what, bytes, expected) in cases {
+        let mark = gw.log_mark();
+        let started = Instant::now();
+        std::fs::write(dir.path().join("probe.wasm.tmp"), &bytes).unwrap();
+        std::fs::rename(dir.path().join("probe.wasm.tmp"), &file).unwrap();
+        let line = gw.wait_for_log_after(mark, Duration::from_secs(30), |l| {
+            message(l).starts_with("plugin refused") || message(l).starts_with("plugin swapped")
+        });
+        let text = message(&line);
+        println!("{what}: refused in {:?}: {text}", started.elapsed());
+        assert!(text.starts_with("plugin refused, the previous version keeps serving"), "{what}: {line}");
+        assert!(text.contains(expected), "{what}: the refusal does not say `{expected}`: {line}");
+        assert_eq!(line["level"], "ERROR", "{line}");
+        assert_eq!(get(gw.addr, "/").1, "backend-1", "after {what}, another plugin serves");
+    }
+    let (ok, bad) = load.finish();
+    let rss_after = gw.rss_kib();
+    println!(
+        "hostile hot swaps: {ok} requests answered by the old plugin, {} not; RSS {rss_before} -> {rss_after} KiB",
+        bad.len()
+    );
+    assert!(bad.is_empty(), "requests that failed or were not served by the old plugin: {bad:?}");
+    assert!(ok > 20, "only {ok} requests during the swaps");
+    assert!(gw.is_running());
+}

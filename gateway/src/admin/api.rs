@@ -85,6 +85,7 @@ fn upstream_stats(gw: &Gateway, up: &Upstream) -> Value {
             "plugin": plugin.name,
             "origin": plugin.origin.to_string(),
             "sha256": plugin.hash,
+            "overrides_builtin": plugin.overrides_builtin(),
             "loaded_at_ms": ms(plugin.loaded_at),
             "from_cache": plugin.from_cache,
             "params": up.selector.binding().params(),
@@ -188,6 +189,7 @@ pub fn upstreams(gw: &Gateway) -> Value {
                     "name": plugin.name,
                     "origin": plugin.origin.to_string(),
                     "sha256": plugin.hash,
+                    "overrides_builtin": plugin.overrides_builtin(),
                     "failures": up.selector.binding().failures(),
                     "fallbacks": up.selector.fallbacks(),
                     "quarantined_for_ms": up.selector.binding().quarantined_for().map(|d| d.as_millis() as u64),
@@ -239,6 +241,7 @@ pub fn plugins(gw: &Gateway) -> Value {
                     "loaded_at_unix_ms": ms(p.loaded_at),
                     "load_ms": p.compile_time.as_secs_f64() * 1e3,
                     "from_cache": p.from_cache,
+                    "overrides_builtin": p.overrides_builtin,
                 })
             });
             json!({
@@ -247,6 +250,7 @@ pub fn plugins(gw: &Gateway) -> Value {
                 "used_by": used_by,
                 "last_error": r.last_error,
                 "file_deleted": r.file_deleted,
+                "in_memory": r.in_memory(),
             })
         })
         .collect();

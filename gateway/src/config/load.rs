@@ -166,6 +166,16 @@ pub fn validate(config: &Config) -> Result<(), Problem> {
             "must be at least 1 (MiB)".into(),
         ));
     }
+    for (f, v, unit) in [
+        ("cache_limit_mib", p.cache_limit_mib, "MiB"),
+        ("file_limit_mib", p.file_limit_mib, "MiB"),
+        ("kv_limit_mib", p.kv_limit_mib, "MiB"),
+        ("counters_limit_kib", p.counters_limit_kib, "KiB"),
+    ] {
+        if v == 0 {
+            return Err((format!("plugins.{f}"), Some(f.into()), format!("must be at least 1 ({unit})")));
+        }
+    }
     if config.shutdown_grace.is_zero() {
         return Err((
             "shutdown_grace".into(),

@@ -542,6 +542,20 @@ pub struct Plugins {
     /// (or `~/.cache/gateway/plugins`).
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
+    /// Size of the compiled-plugin cache in MiB; past it the least recently used files
+    /// are removed. Default 1024.
+    #[serde(default = "default_cache_limit_mib")]
+    pub cache_limit_mib: u64,
+    /// Largest plugin file accepted, in MiB (a Python plugin is about 18). Default 32.
+    #[serde(default = "default_file_limit_mib")]
+    pub file_limit_mib: u64,
+    /// Bytes of keys and values the key-value store of one upstream's plugin may hold,
+    /// in MiB. Default 64.
+    #[serde(default = "default_kv_limit_mib")]
+    pub kv_limit_mib: u64,
+    /// Bytes of counter keys one upstream's plugin may hold, in KiB. Default 1024.
+    #[serde(default = "default_counters_limit_kib")]
+    pub counters_limit_kib: u64,
     /// When a plugin whose calls keep failing is taken out of service.
     #[serde(default)]
     pub quarantine: Quarantine,
@@ -692,6 +706,18 @@ fn default_setup_deadline() -> Duration {
 }
 fn default_memory_mib() -> u32 {
     128
+}
+fn default_cache_limit_mib() -> u64 {
+    1024
+}
+fn default_file_limit_mib() -> u64 {
+    32
+}
+fn default_kv_limit_mib() -> u64 {
+    64
+}
+fn default_counters_limit_kib() -> u64 {
+    1024
 }
 fn default_header_timeout() -> Duration {
     Duration::from_secs(10)

@@ -1,6 +1,9 @@
 //! A plugin bound to one upstream, with one live instance per worker thread.
 
-use super::bindings::{CurrentRequest, HostState, MemoryLimit, RequestRef, SelectorBindings, WitBackend, WitDecision};
+use super::bindings::{
+    AnswerTooLarge, CurrentRequest, HostState, MAX_REASON_BYTES, RequestRef, SelectorBindings, StoreLimits, WitBackend,
+    WitDecision, cut,
+};
 use super::quarantine::{Quarantine, Transition};
 use super::{Origin, Plugin, PluginError, PluginHost, setup, shared::Namespace};
 use crate::pool::PoolSnapshot;
@@ -557,7 +560,7 @@ impl Binding {
 
     fn instantiate(&self, plugin: &Plugin) -> Result<Slot, SetupError> {
         let budget = self.host.budget();
-        let limits = MemoryLimit { bytes: budget.memory_bytes };
+        let limits = StoreLimits { memory_bytes: budget.memory_bytes };
         let state = HostState::new(limits, self.namespace.clone(), plugin.name.as_str().into(), self.upstream.clone());
         let mut store = Store::new(self.host.engine(), state);
         store.limiter(|s| &mut s.limits);
@@ -568,7 +571,8 @@ impl Binding {
             .gateway_selector_policy()
             .call_configure(&mut store, &self.params)
             .map_err(|e| SetupError::Call("configure", describe_error(&e)))?
-            .map_err(SetupError::Configure)?;
+            // The plugin's own text, bounded: it ends up in logs and the admin API.
+            .map_err(|m| SetupError::Configure(cut(&m, MAX_REASON_BYTES).into_owned()))?;
         Ok(Slot { version: plugin.version, generation: 0, store, bindings })
     }
 
@@ -591,6 +595,7 @@ fn blank_parts() -> http::request::Parts {
 fn call_error(call: &str, e: wasmtime::Error) -> PickError {
     let kind = match e.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => PickErrorKind::Timeout,
+        _ if e.downcast_ref::<AnswerTooLarge>().is_some() => PickErrorKind::BadAnswer,
         _ => PickErrorKind::Trap,
     };
     PickError { kind, message: format!("{call}: {}", describe_error(&e)) }

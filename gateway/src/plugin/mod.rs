@@ -9,6 +9,7 @@
 mod bindings;
 mod builtin;
 mod cache;
+mod compile;
 mod instance;
 mod quarantine;
 mod setup;
@@ -24,18 +25,22 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
+use wasmtime::Engine;
 use wasmtime::component::{Component, Linker, types::ComponentItem};
-use wasmtime::{Engine, OptLevel};
 
+pub use compile::{
+    SUBCOMMAND as COMPILE_SUBCOMMAND, child_main as compile_child_main, compile_in_child, release_memory_with,
+};
 pub use instance::{Binding, Decision, PickError, PickErrorKind, Target, maintain_instances};
 pub use quarantine::Policy as QuarantinePolicy;
-pub use shared::Namespace;
+pub use shared::{Namespace, StateLimits};
 pub use warm::Warmer;
 pub use watch::watch;
 
 /// The world a plugin must implement, as printed in errors.
 pub const WORLD: &str = "gateway:selector/selector@0.2.0";
 const IMPORT: &str = "gateway:selector/host@0.2.0";
+const TYPES: &str = "gateway:selector/types@0.2.0";
 const EXPORT: &str = "gateway:selector/policy@0.2.0";
 /// Longest a swap waits for the workers to warm the new version.
 const WARM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,6 +67,28 @@ pub enum PluginError {
         path: PathBuf,
         /// The OS error.
         error: std::io::Error,
+    },
+    /// The file is larger than `plugins.file_limit_mib`.
+    #[error(
+        "{path}: {size_mib:.1} MiB, over the plugin file limit of {limit_mib} MiB (plugins.file_limit_mib; a Python plugin is about 18 MiB): not loaded"
+    )]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size_mib: f64,
+        /// The limit.
+        limit_mib: u64,
+    },
+    /// The component imports WASI capabilities (network, files, ...) plugins do not get.
+    #[error(
+        "{origin}: imports {imports}: plugins get no network, files or other system access in this gateway. Only wasi:cli, wasi:io, wasi:clocks and wasi:random, which toolchains import without calling, are linked (as traps). Build Python plugins with `componentize-py ... --stub-wasi`, JavaScript with `--stub-wasi` or `-d` for each WASI feature, and Rust without std::fs / std::net"
+    )]
+    Capabilities {
+        /// File path or built-in name.
+        origin: Origin,
+        /// The WASI interfaces it asks for.
+        imports: String,
     },
     /// The bytes are not a Wasm component.
     #[error("{origin}: {reason}")]
@@ -154,6 +181,45 @@ impl fmt::Debug for Plugin {
     }
 }
 
+/// What the admin API and `gateway plugin list` show of a loaded plugin.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// Built-in or file.
+    pub origin: Origin,
+    /// SHA-256 of the component bytes (hex).
+    pub hash: String,
+    /// Size of the component in bytes.
+    pub size: usize,
+    /// When it was loaded.
+    pub loaded_at: SystemTime,
+    /// How long compiling (or loading the cached compilation) and linking took.
+    pub compile_time: Duration,
+    /// Loaded from the precompiled cache rather than compiled.
+    pub from_cache: bool,
+    /// A file in the plugins folder that has the name of a built-in, which it replaces.
+    pub overrides_builtin: bool,
+}
+
+impl Plugin {
+    /// What the admin API shows of it.
+    pub fn summary(&self) -> Summary {
+        Summary {
+            origin: self.origin.clone(),
+            hash: self.hash.clone(),
+            size: self.size,
+            loaded_at: self.loaded_at,
+            compile_time: self.compile_time,
+            from_cache: self.from_cache,
+            overrides_builtin: self.overrides_builtin(),
+        }
+    }
+
+    /// Whether it is a file that replaces the built-in of the same name.
+    pub fn overrides_builtin(&self) -> bool {
+        matches!(self.origin, Origin::File(_)) && builtin::get(&self.name).is_some()
+    }
+}
+
 /// Call budgets for plugin instances.
 #[derive(Debug, Clone, Copy)]
 pub struct Budget {
@@ -167,6 +233,12 @@ pub struct Budget {
     pub quarantine: quarantine::Policy,
     /// The `pick` deadline as a duration.
     pub pick_deadline: Duration,
+    /// Byte caps of each upstream's host-held state.
+    pub state: StateLimits,
+    /// Largest plugin file accepted.
+    pub file_bytes: u64,
+    /// Size of the compiled-plugin cache.
+    pub cache_bytes: u64,
 }
 
 impl Budget {
@@ -178,6 +250,12 @@ impl Budget {
             setup_ticks: ticks(cfg.setup_deadline),
             memory_bytes: cfg.memory_limit_mib as usize * 1024 * 1024,
             pick_deadline: cfg.deadline,
+            state: StateLimits {
+                kv_bytes: (cfg.kv_limit_mib << 20) as usize,
+                counter_bytes: (cfg.counters_limit_kib << 10) as usize,
+            },
+            file_bytes: cfg.file_limit_mib << 20,
+            cache_bytes: cfg.cache_limit_mib << 20,
             quarantine: quarantine::Policy {
                 after: cfg.quarantine.after,
                 backoff: cfg.quarantine.backoff,
@@ -190,14 +268,25 @@ impl Budget {
 /// What the gateway knows about one plugin name.
 #[derive(Debug, Clone, Default)]
 pub struct Registered {
-    /// The version serving (the last good one).
-    pub current: Option<Arc<Plugin>>,
+    /// The last good version: the one serving, or (when no upstream uses the name) the
+    /// one checked last.
+    pub current: Option<Summary>,
+    /// Its compiled code, while an upstream holds it: a plugin no upstream uses is
+    /// checked and listed, not kept compiled in memory.
+    compiled: Weak<Plugin>,
     /// Why the last attempt to load a new version failed, if it did.
     pub last_error: Option<String>,
     /// Its file was deleted; the last good version keeps serving.
     pub file_deleted: bool,
     /// SHA-256 of the last refused file, so the same bad file is reported once.
     refused_hash: Option<String>,
+}
+
+impl Registered {
+    /// Whether its compiled code is in memory (an upstream uses it).
+    pub fn in_memory(&self) -> bool {
+        self.compiled.strong_count() > 0
+    }
 }
 
 /// The process's plugin runtime.
@@ -228,12 +317,7 @@ fn next_version() -> u64 {
 impl PluginHost {
     /// Creates the engine and starts its epoch ticker thread.
     pub fn new(cfg: &config::Plugins) -> anyhow::Result<Arc<Self>> {
-        let mut wasm = wasmtime::Config::new();
-        // Deadlines: a ticker thread bumps the epoch every TICK; cheaper than fuel.
-        wasm.epoch_interruption(true);
-        wasm.cranelift_opt_level(OptLevel::Speed);
-        wasm.wasm_component_model(true);
-        let engine = Engine::new(&wasm)?;
+        let engine = Engine::new(&compile::engine_config())?;
         let mut linker = Linker::new(&engine);
         HostState::add_to_linker(&mut linker)?;
 
@@ -248,9 +332,13 @@ impl PluginHost {
             }
         })?;
 
+        let budget = Budget::from_config(cfg);
         let cache = match cfg.cache.then(|| cfg.cache_dir.clone().or_else(cache::Cache::default_dir)).flatten() {
-            Some(dir) => match cache::Cache::new(dir.clone(), &engine) {
-                Ok(c) => Some(c),
+            Some(dir) => match cache::Cache::new(dir.clone(), &engine, budget.cache_bytes) {
+                Ok(c) => {
+                    c.tidy();
+                    Some(c)
+                }
                 Err(e) => {
                     tracing::warn!(dir = %dir.display(), "plugin cache disabled: cannot use the folder: {e}");
                     None
@@ -261,7 +349,7 @@ impl PluginHost {
         Ok(Arc::new(PluginHost {
             engine,
             linker,
-            budget: Budget::from_config(cfg),
+            budget,
             dir: cfg.dir.clone(),
             watch: cfg.watch,
             cache,
@@ -312,7 +400,8 @@ impl PluginHost {
         let result = self.try_reload(name, path);
         match &result {
             Ok(Some(p)) => self.record(name, |r| {
-                r.current = Some(p.clone());
+                r.current = Some(p.summary());
+                r.compiled = Arc::downgrade(p);
                 r.last_error = None;
                 r.file_deleted = false;
             }),
@@ -326,7 +415,7 @@ impl PluginHost {
     }
 
     fn try_reload(&self, name: &str, path: &Path) -> Result<Option<Arc<Plugin>>, (PluginError, Option<String>)> {
-        let bytes = std::fs::read(path).map_err(|error| (PluginError::Read { path: path.into(), error }, None))?;
+        let bytes = self.read(path).map_err(|e| (e, None))?;
         let hash = hex(&Sha256::digest(&bytes));
         let bindings = self.bindings_of(name);
         let known = self.registry.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned().unwrap_or_default();
@@ -378,7 +467,7 @@ impl PluginHost {
     /// Blocking (compilation): call it off the async workers.
     pub fn resolve(&self, name: &str) -> Result<Arc<Plugin>, PluginError> {
         if let Some(p) =
-            self.registry.lock().unwrap_or_else(|e| e.into_inner()).get(name).and_then(|r| r.current.clone())
+            self.registry.lock().unwrap_or_else(|e| e.into_inner()).get(name).and_then(|r| r.compiled.upgrade())
         {
             return Ok(p);
         }
@@ -396,15 +485,37 @@ impl PluginHost {
             }
         };
         match &result {
-            Ok(p) => self.record(name, |r| r.current = Some(p.clone())),
+            Ok(p) => {
+                if p.overrides_builtin() {
+                    tracing::info!(plugin = name, origin = %p.origin, "the plugins folder's {name}.wasm overrides the built-in strategy `{name}`");
+                }
+                self.record(name, |r| {
+                    r.current = Some(p.summary());
+                    r.compiled = Arc::downgrade(p);
+                })
+            }
             Err(e) => self.record(name, |r| r.last_error = Some(e.to_string())),
         }
         result
     }
 
+    /// Reads a plugin file, refusing one over the size limit before reading it.
+    fn read(&self, path: &Path) -> Result<Vec<u8>, PluginError> {
+        let read_error = |error| PluginError::Read { path: path.into(), error };
+        let size = std::fs::metadata(path).map_err(read_error)?.len();
+        if size > self.budget.file_bytes {
+            return Err(PluginError::TooLarge {
+                path: path.into(),
+                size_mib: size as f64 / (1 << 20) as f64,
+                limit_mib: self.budget.file_bytes >> 20,
+            });
+        }
+        std::fs::read(path).map_err(read_error)
+    }
+
     /// Reads and compiles a plugin file.
     pub fn load_file(&self, name: &str, path: &Path) -> Result<Arc<Plugin>, PluginError> {
-        let bytes = std::fs::read(path).map_err(|error| PluginError::Read { path: path.into(), error })?;
+        let bytes = self.read(path)?;
         self.compile(name, Origin::File(path.into()), &bytes)
     }
 
@@ -415,15 +526,23 @@ impl PluginHost {
         let hash = hex(&Sha256::digest(bytes));
         let cached = self.cache.as_ref().and_then(|c| c.load(&self.engine, &hash));
         let from_cache = cached.is_some();
-        let component = match cached {
-            Some(c) => c,
-            None => {
+        let component = match (cached, compile::compiler()) {
+            (Some(c), _) => c,
+            // Files (which may be large, or hostile) compile in a child process; the
+            // built-ins are small and ours.
+            (None, Some(exe)) if matches!(origin, Origin::File(_)) => self
+                .compile_in_child(exe, &hash, bytes, &origin)
+                .map_err(|reason| PluginError::NotComponent { origin: origin.clone(), reason })?,
+            (None, _) => {
                 let c = Component::new(&self.engine, bytes).map_err(|e| PluginError::NotComponent {
                     origin: origin.clone(),
                     reason: format!("not a valid component: {e:#}"),
                 })?;
                 if let Some(cache) = &self.cache {
-                    cache.store(&hash, &c);
+                    if let Err(e) = cache.store(&hash, &c) {
+                        tracing::debug!(dir = %cache.dir().display(), "could not cache the compiled plugin: {e}");
+                    }
+                    cache.evict();
                 }
                 c
             }
@@ -434,28 +553,32 @@ impl PluginHost {
             found: describe(&self.engine, &component),
         };
         let mut linker = self.linker.clone();
-        // A plugin built for wasm32-wasip2 imports WASI interfaces it never calls: link
-        // them as traps. Plugins get no WASI capabilities.
-        let only_wasi_unknown = component
-            .component_type()
-            .imports(&self.engine)
-            .all(|(name, _)| name.starts_with("wasi:") || name.starts_with("gateway:selector/"));
         let ty = component.component_type();
         let names = ty.imports(&self.engine).map(|(n, _)| n).chain(ty.exports(&self.engine).map(|(n, _)| n));
         if let Some(reason) = other_version(names) {
             return Err(wrong_world(wasmtime::Error::msg(reason)));
         }
-        if !only_wasi_unknown {
-            let unknown: Vec<_> = component
-                .component_type()
-                .imports(&self.engine)
-                .map(|(n, _)| n.to_owned())
-                .filter(|n| !n.starts_with("wasi:") && !n.starts_with("gateway:selector/"))
-                .collect();
+        let imports: Vec<&str> = ty.imports(&self.engine).map(|(n, _)| n).collect();
+        let unknown: Vec<&str> = imports
+            .iter()
+            .copied()
+            .filter(|n| !n.starts_with("wasi:") && !n.starts_with("gateway:selector/"))
+            .collect();
+        if !unknown.is_empty() {
             return Err(wrong_world(wasmtime::Error::msg(format!(
                 "it imports {}, which this gateway does not provide",
                 unknown.join(", ")
             ))));
+        }
+        // A plugin built for wasm32-wasip2 imports WASI interfaces it never calls: those
+        // are linked as traps. One that asks for the network or files is refused.
+        let capabilities: Vec<&str> = imports
+            .iter()
+            .copied()
+            .filter(|n| n.starts_with("wasi:") && !STUBBED_WASI.iter().any(|p| n.starts_with(p)))
+            .collect();
+        if !capabilities.is_empty() {
+            return Err(PluginError::Capabilities { origin: origin.clone(), imports: capabilities.join(", ") });
         }
         linker.define_unknown_imports_as_traps(&component).map_err(wrong_world)?;
         let pre = linker.instantiate_pre(&component).map_err(wrong_world)?;
@@ -481,8 +604,13 @@ impl PluginHost {
         plugin: Arc<Plugin>,
         params: &serde_json::Value,
     ) -> Result<Arc<Binding>, PluginError> {
-        let namespace =
-            self.namespaces.lock().unwrap_or_else(|e| e.into_inner()).entry(upstream.to_owned()).or_default().clone();
+        let namespace = self
+            .namespaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(upstream.to_owned())
+            .or_insert_with(|| Arc::new(Namespace::new(self.budget.state)))
+            .clone();
         let binding = Binding::new(self.clone(), upstream, plugin.clone(), params.to_string(), namespace);
         binding.check(&plugin)?;
         let binding = Arc::new(binding);
@@ -496,6 +624,36 @@ impl PluginHost {
 
     pub(crate) fn budget(&self) -> Budget {
         self.budget
+    }
+}
+
+/// WASI interfaces a toolchain imports without the plugin calling them (a Rust
+/// `wasm32-wasip2` build imports `wasi:cli` and `wasi:io`): linked as traps. Any other
+/// WASI import (sockets, filesystem, http, ...) refuses the plugin.
+const STUBBED_WASI: [&str; 4] = ["wasi:cli/", "wasi:io/", "wasi:clocks/", "wasi:random/"];
+
+impl PluginHost {
+    /// Compiles `bytes` in a child process into the cache folder (or a private one when
+    /// the cache is off) and loads the artifact.
+    fn compile_in_child(&self, exe: &Path, hash: &str, bytes: &[u8], origin: &Origin) -> Result<Component, String> {
+        let private;
+        let cache = match &self.cache {
+            Some(c) => c,
+            None => {
+                let dir = std::env::temp_dir().join(format!("gateway-compile-{}", std::process::id()));
+                private = cache::Cache::new(dir, &self.engine, u64::MAX)
+                    .map_err(|e| format!("no folder to compile into: {e}"))?;
+                &private
+            }
+        };
+        compile::in_child(exe, cache.dir(), bytes, &origin.to_string())?;
+        let loaded = cache.load(&self.engine, hash);
+        if self.cache.is_none() {
+            cache.remove(hash);
+        } else {
+            cache.evict();
+        }
+        loaded.ok_or_else(|| "the compiler process wrote no usable artifact".to_owned())
     }
 }
 

@@ -1,0 +1,140 @@
+//! A plugin that hands the gateway more than it takes (10,000 response headers, a 100 MB
+//! reject body) or fills its host-held state (a key-value or counter bomb) fails that
+//! call with a message saying which limit, the request is still answered (by the
+//! fallback), and the gateway's memory does not grow with what the plugin tried.
+//!
+//! Each test prints its figures (requests answered, RSS before/after) for
+//! docs/reliability.md.
+
+mod util;
+
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use util::{Backend, Gateway, TempDir, get, message, request, test_plugin};
+
+fn yaml(backends: &[&Backend], params: &str, plugins_extra: &str) -> String {
+    let list: String = backends.iter().map(|b| format!("      - {{ address: {} }}\n", b.addr())).collect();
+    format!(
+        "listeners:\n  - address: 127.0.0.1:0\nthreads: 2\naccess_log: false\n\
+         plugins:\n  quarantine: {{ after: 0 }}\n  {plugins_extra}\n\
+         upstreams:\n  web:\n    strategy: {{ plugin: hostile, params: {params} }}\n    backends:\n{list}"
+    )
+}
+
+/// A gateway over two backends whose strategy is the `hostile` test plugin with `params`
+/// (quarantine off, so that every request calls the plugin).
+fn start(dir: &TempDir, backends: &[&Backend], params: &str, plugins_extra: &str) -> Gateway {
+    dir.copy(&test_plugin("hostile"), "hostile.wasm");
+    let config = dir.write("gw.yaml", yaml(backends, params, plugins_extra));
+    Gateway::with_config(&config, dir.path())
+}
+
+/// `n` sequential GETs: how many got a 200 from one of `backends` (each within `limit`).
+fn answered(gw: &Gateway, backends: &[&Backend], n: usize, limit: Duration) -> usize {
+    (0..n)
+        .filter(|i| {
+            let started = Instant::now();
+            let reply = request(gw.addr, "GET", &format!("/r/{i}"), None).expect("an answer");
+            assert!(started.elapsed() < limit, "request {i} took {:?}", started.elapsed());
+            assert!(
+                reply.headers.keys().all(|k| !k.as_str().starts_with("x-bomb")),
+                "a header of the bomb reached the client"
+            );
+            reply.status == 200 && backends.iter().any(|b| b.name() == reply.body)
+        })
+        .count()
+}
+
+fn failure_line(gw: &Gateway) -> Value {
+    gw.wait_for_log(Duration::from_secs(10), |l| message(l).starts_with("plugin call failed"))
+}
+
+fn failures(gw: &Gateway, kind: &str) -> u64 {
+    let (status, body) = get(gw.admin_addr(), "/api/stats");
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("JSON");
+    v["upstreams"][0]["strategy"]["failures"][kind].as_u64().unwrap_or_else(|| panic!("no {kind} count in {v}"))
+}
+
+#[test]
+fn ten_thousand_response_headers_are_a_bad_answer_and_the_request_is_still_served() {
+    let dir = TempDir::new();
+    let (b1, b2) = (Backend::new("backend-1"), Backend::new("backend-2"));
+    let mut gw = start(&dir, &[&b1, &b2], "{ in: headers }", "");
+    let before = gw.rss_kib();
+    let n = 40;
+    let ok = answered(&gw, &[&b1, &b2], n, Duration::from_secs(2));
+    let after = gw.rss_kib();
+    println!("10,000 response headers: {ok}/{n} requests answered; RSS {before} -> {after} KiB");
+    assert_eq!(ok, n);
+    let line = failure_line(&gw);
+    assert_eq!(line["failure"], "BadAnswer", "{line}");
+    assert!(message(&line).contains("request.add-response-header: more than 64 response headers"), "{line}");
+    assert!(failures(&gw, "bad_answer") >= n as u64 / 2, "not every call counted as a bad answer");
+    assert!(gw.is_running());
+}
+
+#[test]
+fn a_100_mb_reject_body_is_refused_where_it_lies_without_being_copied() {
+    let dir = TempDir::new();
+    let (b1, b2) = (Backend::new("backend-1"), Backend::new("backend-2"));
+    // Building 100 MB takes the guest longer than the default 20 ms `pick` deadline, which
+    // would stop it first: give it the time, so the body reaches the gateway's boundary.
+    let mut gw = start(&dir, &[&b1, &b2], "{ in: reject-body }", "deadline: 5s");
+    let before = gw.rss_kib();
+    let n = 10;
+    let ok = answered(&gw, &[&b1, &b2], n, Duration::from_secs(10));
+    let line = failure_line(&gw);
+    assert_eq!(line["failure"], "BadAnswer", "{line}");
+    assert!(
+        message(&line)
+            .contains("request.set-reject-body: a reject body of 104857600 bytes, over the limit of 65536 bytes"),
+        "{line}"
+    );
+    // The guest's own memory held the body (within memory_limit_mib); it is returned when
+    // the failed instance is dropped. Nothing of it stays in the gateway.
+    std::thread::sleep(Duration::from_millis(500));
+    let (after, peak) = (gw.rss_kib(), gw.peak_rss_kib());
+    println!("100 MB reject body: {ok}/{n} requests answered; RSS {before} -> {after} KiB (peak {peak} KiB)");
+    assert_eq!(ok, n);
+    assert!(after < before + 40 * 1024, "RSS grew from {before} to {after} KiB");
+    assert!(gw.is_running());
+}
+
+#[test]
+fn a_key_value_bomb_hits_the_byte_cap_and_the_plugin_is_told() {
+    let dir = TempDir::new();
+    let (b1, b2) = (Backend::new("backend-1"), Backend::new("backend-2"));
+    // 1,000 keys of 1 KiB a request: the 4 MiB cap is full after four requests.
+    let gw = start(&dir, &[&b1, &b2], "{ in: kv-bomb }", "kv_limit_mib: 4");
+    let before = gw.rss_kib();
+    // The plugin tries to store 1 MiB a request: 100 MiB in all.
+    let n = 100;
+    let ok = answered(&gw, &[&b1, &b2], n, Duration::from_secs(2));
+    let after = gw.rss_kib();
+    println!("key-value bomb (4 MiB cap, 100 MiB attempted): {ok}/{n} requests answered; RSS {before} -> {after} KiB");
+    assert_eq!(ok, n);
+    let line = failure_line(&gw);
+    assert_eq!(line["failure"], "Trap", "{line}");
+    let text = message(&line);
+    assert!(text.contains("kv-set: the key-value store is full:"), "{line}");
+    assert!(text.contains("of 4194304 bytes (plugins.kv_limit_mib)"), "{line}");
+    // The cap, plus what any plugin's instances and the fallback's traffic take (about
+    // 10 MiB in the other tests here).
+    assert!(after < before + 30 * 1024, "RSS grew from {before} to {after} KiB");
+}
+
+#[test]
+fn a_counter_bomb_hits_the_byte_cap_and_the_plugin_is_told() {
+    let dir = TempDir::new();
+    let (b1, b2) = (Backend::new("backend-1"), Backend::new("backend-2"));
+    let mut gw = start(&dir, &[&b1, &b2], "{ in: counter-bomb }", "counters_limit_kib: 256");
+    let n = 20;
+    let ok = answered(&gw, &[&b1, &b2], n, Duration::from_secs(2));
+    println!("counter bomb (256 KiB cap): {ok}/{n} requests answered");
+    assert_eq!(ok, n);
+    let line = failure_line(&gw);
+    assert!(message(&line).contains("counter-add: the counters are full:"), "{line}");
+    assert!(message(&line).contains("of 262144 bytes (plugins.counters_limit_kib)"), "{line}");
+    assert!(gw.is_running());
+}
