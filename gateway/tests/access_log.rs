@@ -127,9 +127,15 @@ fn text_logs_have_no_colour_codes_off_a_terminal() {
     let mut stderr = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || {
         use std::io::Read;
-        let mut buf = [0u8; 4096];
-        let n = stderr.read(&mut buf).unwrap_or(0);
-        String::from_utf8_lossy(&buf[..n]).into_owned()
+        // Up to the `listening` line (other start-up lines may come first), at most 64 KiB.
+        let (mut buf, mut text) = ([0u8; 4096], String::new());
+        while !text.contains("listening") && text.len() < 64 * 1024 {
+            match stderr.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+        text
     });
     let text = reader.join().unwrap();
     let _ = child.kill();

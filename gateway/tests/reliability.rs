@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use util::{Backend, Gateway, KeepAlive, TempDir, get, message, poll_until, rt};
+use util::{Backend, Gateway, KeepAlive, TempDir, get, message, poll_until, report, rt};
 
 /// The tests here run one at a time: each measures latencies and counts under load,
 /// which another test's load on the same (small) machine would distort.
@@ -197,9 +197,12 @@ fn a_backend_answering_500_costs_the_others_at_most_the_retry_budget() {
     // The floor (1/s over the 10 s window) is small next to 20% of the requests.
     let (requests, retries, errors, skipped) = five_hundreds("{ratio: 0.2, min_per_second: 1}", seconds);
     let budget = 0.2 * requests as f64 + 10.0;
-    eprintln!(
-        "figures: 500s from one of three backends, 16 clients, {seconds}s, budget 20% + 1/s: {requests} requests, {retries} retries ({:.1}% of requests; budget {budget:.0}), {skipped} retries skipped, {errors} clients got the 500",
-        100.0 * retries as f64 / requests as f64
+    report::figures(
+        "backend-faults",
+        &format!(
+            "500s from one of three backends, 16 clients, {seconds}s, budget 20% + 1/s: {requests} requests, {retries} retries ({:.1}% of requests; budget {budget:.0}), {skipped} retries skipped, {errors} clients got the 500",
+            100.0 * retries as f64 / requests as f64
+        ),
     );
     assert!(requests > 200, "the load ran: {requests} requests");
     // Two workers deciding at once may each overshoot by one.
@@ -211,9 +214,12 @@ fn a_backend_answering_500_costs_the_others_at_most_the_retry_budget() {
 
     // For comparison, a budget that never binds: every 500 is retried.
     let (requests, retries, errors, skipped) = five_hundreds("{ratio: 10, min_per_second: 1000}", seconds);
-    eprintln!(
-        "figures: the same without a binding budget: {requests} requests, {retries} retries ({:.1}% of requests), {skipped} skipped, {errors} clients got a 500",
-        100.0 * retries as f64 / requests as f64
+    report::figures(
+        "backend-faults",
+        &format!(
+            "the same without a binding budget: {requests} requests, {retries} retries ({:.1}% of requests), {skipped} skipped, {errors} clients got a 500",
+            100.0 * retries as f64 / requests as f64
+        ),
     );
     assert_eq!((errors, skipped), (0, 0.0));
     assert!(retries as f64 > 0.25 * requests as f64, "{retries} retries for {requests} requests");
@@ -360,7 +366,7 @@ fn a_frozen_backend_does_not_freeze_the_upstream() {
     let _serial = serial();
     for strategy in ["round-robin", "least-connections", "p2c-ewma"] {
         let figures = frozen_backend(strategy);
-        eprintln!("figures: frozen backend (SIGSTOP 1 of 3, 20 clients), {figures}");
+        report::figures("backend-faults", &format!("frozen backend (SIGSTOP 1 of 3, 20 clients), {figures}"));
     }
 }
 
@@ -498,9 +504,12 @@ fn running_out_of_file_descriptors_is_the_gateways_problem_not_the_backends() {
     })
     .expect("a new client is served once the idle ones left");
     let warnings = gw.logs_matching(|l| message(l).starts_with("accept failed")).len();
-    eprintln!(
-        "figures: RLIMIT_NOFILE 400, 460 idle clients: client connections capped at {cap}, backends up, admin API answering, early client served, a new client served {:.0} ms after the idle ones left, {warnings} accept warnings, {waited} times at the cap",
-        served.as_secs_f64() * 1e3
+    report::figures(
+        "backend-faults",
+        &format!(
+            "RLIMIT_NOFILE 400, 460 idle clients: client connections capped at {cap}, backends up, admin API answering, early client served, a new client served {:.0} ms after the idle ones left, {warnings} accept warnings, {waited} times at the cap",
+            served.as_secs_f64() * 1e3
+        ),
     );
     assert!(warnings <= 3, "{warnings} accept warnings");
 }

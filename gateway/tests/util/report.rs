@@ -20,3 +20,8 @@ pub fn record(suite: &str, row: Value) {
         .unwrap_or_else(|e| panic!("open {}: {e}", std::path::Path::new(&path).display()));
     writeln!(file, "{line}").expect("write a report row");
 }
+
+/// Records a scenario whose figures are one sentence (`text`).
+pub fn figures(suite: &str, text: &str) {
+    record(suite, serde_json::json!({ "figures": text }));
+}
