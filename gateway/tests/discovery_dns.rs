@@ -29,13 +29,30 @@ impl Dnsmasq {
     /// Starts dnsmasq with A records from `hosts` (a hosts file) and `srv` records
     /// (`--srv-host` values), on a free port.
     fn start(hosts: PathBuf, srv: Vec<String>) -> Dnsmasq {
-        let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut d = Dnsmasq { child: None, port, hosts, srv };
-        d.spawn();
-        d
+        let mut d = Dnsmasq { child: None, port: 0, hosts, srv };
+        // Another process may take the port between our check and dnsmasq's bind: then
+        // dnsmasq exits, and another port is tried.
+        for _ in 0..5 {
+            d.port = free_tcp_and_udp_port();
+            if d.try_spawn() {
+                return d;
+            }
+        }
+        panic!("dnsmasq did not start on any of 5 free ports");
     }
 
     fn spawn(&mut self) {
+        for _ in 0..5 {
+            if self.try_spawn() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("dnsmasq did not start again on port {}", self.port);
+    }
+
+    /// Starts dnsmasq on `self.port`; whether it is listening (else it is stopped).
+    fn try_spawn(&mut self) -> bool {
         let bin = if std::path::Path::new("/usr/sbin/dnsmasq").exists() { "/usr/sbin/dnsmasq" } else { "dnsmasq" };
         let mut cmd = Command::new(bin);
         cmd.args([
@@ -64,11 +81,18 @@ impl Dnsmasq {
             .spawn()
             .expect("start dnsmasq (scripts/test.sh installs Debian's dnsmasq-base)");
         self.child = Some(child);
-        // Ready once it answers on TCP.
-        poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
-            std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()
-        })
-        .expect("dnsmasq listens");
+        // Ready once it answers on TCP; gone if it could not bind.
+        let listening = poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            if self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some()) {
+                return Some(false);
+            }
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).ok().map(|_| true)
+        });
+        if listening != Some(true) {
+            self.stop();
+            return false;
+        }
+        true
     }
 
     /// Re-reads the hosts file (SIGHUP).
@@ -95,6 +119,17 @@ impl Dnsmasq {
 impl Drop for Dnsmasq {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A port free on 127.0.0.1 for both TCP and UDP right now.
+fn free_tcp_and_udp_port() -> u16 {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
     }
 }
 
