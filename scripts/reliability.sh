@@ -4,7 +4,7 @@
 # docs/reliability.md (also written to target/reliability/report.md).
 #
 #   scripts/reliability.sh            # the suite, as CI runs it (a few minutes)
-#   scripts/reliability.sh --long     # longer soaks (more swaps, longer floods)
+#   scripts/reliability.sh --long     # longer soaks (GATEWAY_TEST_LONG=1: 100 Python plugin swaps)
 #
 # The tests themselves are part of scripts/test.sh; this script only adds the report.
 # Needs what scripts/test.sh installs (run that once first on a fresh machine).
@@ -16,7 +16,7 @@ mkdir -p "$out"
 report="$PWD/$out/rows.jsonl"
 : > "$report"
 if [ "${1:-}" = "--long" ]; then
-  export GATEWAY_RELIABILITY_LONG=1
+  export GATEWAY_TEST_LONG=1
 fi
 
 # The suite's test files, in the order of docs/reliability.md's tables; files that do not
