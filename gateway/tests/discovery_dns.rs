@@ -8,14 +8,11 @@
 mod util;
 
 use serde_json::Value;
-use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use util::{Backend, Gateway, KeepAlive, TempDir, poll_until};
+use util::{Backend, Gateway, TempDir, Traffic, poll_until};
 
 /// A dnsmasq process on `127.0.0.1:port`; stopped (by PID) when dropped.
 struct Dnsmasq {
@@ -140,78 +137,6 @@ fn nix_is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// What the client saw: (when, backend name or error).
-type Seen = Arc<Mutex<VecDeque<(Instant, Result<String, String>)>>>;
-
-/// Requests without pause on one keep-alive connection, until stopped (at most 3 min).
-struct Traffic {
-    seen: Seen,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<u64>>,
-}
-
-impl Traffic {
-    fn start(addr: SocketAddr) -> Traffic {
-        let seen: Seen = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (s, st) = (seen.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            let mut conn = KeepAlive::open(addr).expect("connect");
-            let deadline = Instant::now() + Duration::from_secs(180);
-            let mut sent = 0u64;
-            while !st.load(Ordering::Relaxed) && Instant::now() < deadline && sent < 2_000_000 {
-                let result = match conn.get("/") {
-                    Ok(r) if r.status == 200 => Ok(r.body.trim().to_owned()),
-                    Ok(r) => Err(format!("status {}: {}", r.status, r.body)),
-                    Err(e) => {
-                        conn = KeepAlive::open(addr).expect("reconnect");
-                        Err(e)
-                    }
-                };
-                let mut q = s.lock().unwrap();
-                q.push_back((Instant::now(), result));
-                if q.len() > 200_000 {
-                    q.pop_front();
-                }
-                drop(q);
-                sent += 1;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            sent
-        });
-        Traffic { seen, stop, thread: Some(thread) }
-    }
-
-    /// Waits (≤ `within`) until the last 40 answers after `since` satisfy `ok`.
-    fn wait_for(&self, since: Instant, within: Duration, what: &str, ok: impl Fn(&[String]) -> bool) -> Duration {
-        let found = poll_until(within, Duration::from_millis(20), || {
-            let answers: Vec<String> = self
-                .seen
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|(t, _)| *t > since)
-                .filter_map(|(_, r)| r.clone().ok())
-                .collect();
-            (answers.len() >= 40 && ok(&answers[answers.len() - 40..])).then(|| since.elapsed())
-        });
-        found.unwrap_or_else(|| panic!("within {within:?}: {what}; last answers: {:?}", self.last(40)))
-    }
-
-    fn last(&self, n: usize) -> Vec<Result<String, String>> {
-        let q = self.seen.lock().unwrap();
-        q.iter().rev().take(n).map(|(_, r)| r.clone()).collect()
-    }
-
-    /// Stops; returns (requests sent, failures).
-    fn finish(mut self) -> (u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let sent = self.thread.take().unwrap().join().unwrap();
-        let failures = self.seen.lock().unwrap().iter().filter_map(|(_, r)| r.clone().err()).collect();
-        (sent, failures)
-    }
-}
-
 /// Two backends on one port at two loopback addresses (A records carry no port).
 fn same_port_backends(names: &[&str]) -> (u16, Vec<Backend>) {
     for _ in 0..50 {
@@ -263,7 +188,7 @@ fn a_records_are_followed_under_traffic_and_a_dns_outage_keeps_the_pool() {
     assert_eq!(ids, [b[0].addr().to_string(), b[1].addr().to_string()]);
     assert!(backends(admin).iter().all(|b| b["source"] == "dns"));
     let traffic = Traffic::start(gw.addr);
-    traffic.wait_for(Instant::now(), Duration::from_secs(10), "a1 and a2 serve", |a| {
+    traffic.wait(Instant::now(), Duration::from_secs(10), "a1 and a2 serve", |a| {
         a.iter().any(|n| n == "a1") && a.iter().any(|n| n == "a2")
     });
 
@@ -275,7 +200,7 @@ fn a_records_are_followed_under_traffic_and_a_dns_outage_keeps_the_pool() {
     .unwrap();
     dns.reload();
     let since = Instant::now();
-    let took = traffic.wait_for(since, Duration::from_secs(10), "a3 takes traffic", |a| a.iter().any(|n| n == "a3"));
+    let took = traffic.wait(since, Duration::from_secs(10), "a3 takes traffic", |a| a.iter().any(|n| n == "a3"));
     println!("added A record serving after {took:?}");
     // One refresh (1 s), plus a health check (200 ms), plus slack for a loaded machine.
     assert!(took < Duration::from_secs(5), "{took:?}");
@@ -284,8 +209,7 @@ fn a_records_are_followed_under_traffic_and_a_dns_outage_keeps_the_pool() {
     std::fs::write(&hosts, "127.0.0.3 books.service.test\n127.0.0.4 books.service.test\n").unwrap();
     dns.reload();
     let since = Instant::now();
-    let took =
-        traffic.wait_for(since, Duration::from_secs(10), "a1 gets no more traffic", |a| a.iter().all(|n| n != "a1"));
+    let took = traffic.wait(since, Duration::from_secs(10), "a1 gets no more traffic", |a| a.iter().all(|n| n != "a1"));
     println!("removed A record out of rotation after {took:?}");
     assert!(took < Duration::from_secs(5), "{took:?}");
 
@@ -297,7 +221,7 @@ fn a_records_are_followed_under_traffic_and_a_dns_outage_keeps_the_pool() {
     });
     let since = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
-    traffic.wait_for(since, Duration::from_secs(5), "a2 and a3 still serve", |a| {
+    traffic.wait(since, Duration::from_secs(5), "a2 and a3 still serve", |a| {
         a.iter().any(|n| n == "a2") && a.iter().any(|n| n == "a3")
     });
     let (status, body) = util::get(admin, "/api/upstreams");
@@ -335,7 +259,7 @@ fn srv_records_give_ports_and_weights_and_are_followed_under_traffic() {
     })
     .expect("both SRV records become backends, with their ports and weights");
     let traffic = Traffic::start(gw.addr);
-    traffic.wait_for(Instant::now(), Duration::from_secs(10), "s1 and s2 serve", |a| {
+    traffic.wait(Instant::now(), Duration::from_secs(10), "s1 and s2 serve", |a| {
         a.iter().any(|n| n == "s1") && a.iter().any(|n| n == "s2")
     });
 
@@ -348,15 +272,14 @@ fn srv_records_give_ports_and_weights_and_are_followed_under_traffic() {
     assert!(backends(admin).iter().all(|b| b["state"] == "up"), "a weight change keeps the backend up");
     let since = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
-    let answers: Vec<String> =
-        traffic.seen.lock().unwrap().iter().filter(|(t, _)| *t > since).filter_map(|(_, r)| r.clone().ok()).collect();
+    let answers: Vec<String> = traffic.after(since);
     let (n1, n2) = (answers.iter().filter(|n| *n == "s1").count(), answers.iter().filter(|n| *n == "s2").count());
     assert!(n1 > 20 && n2 > 2 * n1 && n2 < 4 * n1, "s1 {n1}, s2 {n2}: expected about 1:3");
 
     // Add one, remove one.
     dns.restart_with(srv(&[(1, 30), (2, 10)]));
     let since = Instant::now();
-    let took = traffic.wait_for(since, Duration::from_secs(10), "s3 serves, s1 no more", |a| {
+    let took = traffic.wait(since, Duration::from_secs(10), "s3 serves, s1 no more", |a| {
         a.iter().any(|n| n == "s3") && a.iter().all(|n| n != "s1")
     });
     println!("SRV change followed after {took:?}");

@@ -8,7 +8,13 @@ use gateway::config::{ConfigError, from_yaml};
 use proptest::prelude::*;
 use std::path::{Path, PathBuf};
 
-fn examples() -> Vec<(PathBuf, String)> {
+/// The example configs, read once.
+fn examples() -> &'static [(PathBuf, String)] {
+    static FILES: std::sync::OnceLock<Vec<(PathBuf, String)>> = std::sync::OnceLock::new();
+    FILES.get_or_init(read_examples)
+}
+
+fn read_examples() -> Vec<(PathBuf, String)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     let mut files: Vec<(PathBuf, String)> = std::fs::read_dir(&dir)
         .expect("read examples/")
@@ -100,7 +106,7 @@ proptest! {
 #[test]
 fn every_example_config_is_valid() {
     for (path, text) in examples() {
-        if let Err(e) = from_yaml(&path, &text) {
+        if let Err(e) = from_yaml(path, text) {
             panic!("{e}");
         }
     }

@@ -131,15 +131,17 @@ impl Proxy {
         };
         // RFC 9112 §3.2: several Host lines get 400 (a router and a backend could each
         // read a different one).
+        // One lookup serves both this check and routing.
         let mut hosts = req.headers().get_all(header::HOST).iter();
-        let bad_request = match (bad_request, hosts.next(), hosts.next()) {
-            (None, Some(_), Some(_)) => Some(BadRequest::SeveralHosts),
-            (bad, _, _) => bad,
+        let first_host = hosts.next();
+        let bad_request = match (bad_request, first_host.is_some() && hosts.next().is_some()) {
+            (None, true) => Some(BadRequest::SeveralHosts),
+            (bad, _) => bad,
         };
         let path = req.uri().path();
         // One host rule for routing and forwarding (RFC 9112 §3.2.2): the absolute-form
         // authority (or HTTP/2 `:authority`) wins over `Host`, and replaces it upstream.
-        let host = req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(header::HOST)?.to_str().ok());
+        let host = req.uri().authority().map(|a| a.as_str()).or_else(|| first_host?.to_str().ok());
         // The request finishes on the view it started with, whatever a reload does meanwhile.
         let view = self.view.load_full();
         let found = if bad_request.is_some() { None } else { view.router.find(host, path) };

@@ -18,6 +18,8 @@ pub fn install(dir: &TempDir, name: &str, text: &str) {
     std::fs::rename(&tmp, dir.path().join(name)).unwrap();
 }
 
+/// One client sending requests without pause (see the module doc); stopped by
+/// [`Traffic::finish`], which returns how many it sent and the failures.
 pub struct Traffic {
     seen: Seen,
     stop: Arc<AtomicBool>,
@@ -25,6 +27,7 @@ pub struct Traffic {
 }
 
 impl Traffic {
+    /// Starts the client against `addr` (at most 2 minutes or 1,000,000 requests).
     pub fn start(addr: std::net::SocketAddr) -> Traffic {
         let seen: Seen = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
@@ -83,6 +86,7 @@ impl Traffic {
         }
     }
 
+    /// Stops the client; returns (requests sent, failures).
     pub fn finish(mut self) -> (u64, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
         let sent = self.thread.take().unwrap().join().unwrap();
