@@ -7,6 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# This script installs every tool the tests start (Chromium, Prometheus, dnsmasq, grpcio, ...),
+# so a test that finds one missing fails instead of skipping (the tests skip only outside CI).
+export CI="${CI:-1}"
+
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 started=$SECONDS
 
