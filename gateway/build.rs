@@ -76,6 +76,7 @@ fn main() {
     embedded.push_str("];\n");
     fs::write(out.join("builtins.rs"), embedded).unwrap();
     write_scaffold_sources(&root, &out);
+    write_c_bindings(&root, &out);
     // Integration tests find the test plugins (trap, spin, wrong-world) here.
     println!("cargo:rustc-env=GATEWAY_TEST_PLUGINS={}", out.display());
 }
@@ -125,6 +126,30 @@ fn write_scaffold_sources(root: &Path, out: &Path) {
     code.push_str(&format!("    (\"sdk/Cargo.toml\", include_str!({:?})),\n", sdk_manifest.display().to_string()));
     code.push_str("];\n");
     fs::write(out.join("scaffold_files.rs"), code).unwrap();
+}
+
+/// The C bindings of the WIT world, as `wit-bindgen c wit --world selector` writes them
+/// (`selector.c`, `selector.h` and `selector_component_type.o`, which carries the world's
+/// types into the core module), for `gateway plugin new --lang c` projects' `gen/` folder.
+fn write_c_bindings(root: &Path, out: &Path) {
+    use wit_bindgen_core::wit_parser::Resolve;
+    let mut resolve = Resolve::default();
+    let (package, _) = resolve.push_path(root.join("wit")).expect("parse wit/");
+    let world = resolve.select_world(&[package], Some("selector")).expect("world `selector` in wit/");
+    let mut files = wit_bindgen_core::Files::default();
+    wit_bindgen_c::Opts::default().build().generate(&mut resolve, world, &mut files).expect("generate the C bindings");
+    let dir = out.join("c-bindings");
+    fs::create_dir_all(&dir).unwrap();
+    let mut code = String::from(
+        "/// C bindings for new C plugin projects: (relative path, contents).\npub const C_FILES: &[(&str, &[u8])] = &[\n",
+    );
+    for (name, bytes) in files.iter() {
+        let dest = dir.join(name);
+        fs::write(&dest, bytes).unwrap();
+        code.push_str(&format!("    (\"gen/{name}\", include_bytes!({:?})),\n", dest.display().to_string()));
+    }
+    code.push_str("];\n");
+    fs::write(out.join("c_bindings.rs"), code).unwrap();
 }
 
 /// sdk/Cargo.toml with the workspace-inherited fields resolved, for a project of its own.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the guest-language plugins (examples/plugins/{python,js,rust}-* and the test
-# plugins gateway/tests/guest-plugins/{python,js}-*) into target/guest-plugins/<name>.wasm,
+# Builds the guest-language plugins (examples/plugins/{python,js,rust,c}-* and the test
+# plugins gateway/tests/guest-plugins/{python,js,c}-*) into target/guest-plugins/<name>.wasm,
 # with pinned tools installed once into a cache. scripts/test.sh runs it before the tests
 # (gateway/tests/languages.rs and gateway/benches/languages.rs use its output).
 #
@@ -9,7 +9,7 @@
 #   scripts/build-guest-plugins.sh --tools-only   # only install/check the tools
 #
 # It also writes target/guest-plugins/tools.env: where the tools are (COMPONENTIZE_PY,
-# NODE_MODULES), for tests that build `gateway plugin new` projects.
+# NODE_MODULES, ZIG_VENV), for tests that build `gateway plugin new` projects.
 #
 # Environment:
 #   GUEST_TOOLS_DIR  tool cache (default ${XDG_CACHE_HOME:-$HOME/.cache}/gateway-guest-tools)
@@ -20,7 +20,12 @@
 #   GUEST_OUT_DIR    where the components go (default target/guest-plugins)
 #   FORCE=1          rebuild Python/JS components even when their inputs did not change
 #
-# Pinned versions: componentize-py in scripts/guest-tools/python/requirements.txt; the
+#   GATEWAY          the gateway binary C plugins are made with (`plugin new --lang c` for
+#                    the bindings, `plugin componentize`); default: built with cargo
+#                    (profile ci) when a C plugin is asked for
+#
+# Pinned versions: componentize-py in scripts/guest-tools/python/requirements.txt; zig
+# (the `ziglang` wheel, for C) in scripts/guest-tools/c/requirements.txt; the
 # npm tools in scripts/guest-tools/{quickjs,starlingmonkey}/package-lock.json;
 # Rust crates in each crate's Cargo.lock (built for wasm32-wasip2, which writes a
 # component directly). Nothing is downloaded but from PyPI, npm and crates.io.
@@ -44,6 +49,7 @@ RUST_TARGET_DIR="$ROOT/target/guest-build"
 SOURCES=("$ROOT/examples/plugins" "$ROOT/gateway/tests/guest-plugins")
 
 COMPONENTIZE_PY_VERSION="$(sed -n 's/^componentize-py==//p' "$TOOLS_SRC/python/requirements.txt")"
+ZIGLANG_VERSION="$(sed -n 's/^ziglang==//p' "$TOOLS_SRC/c/requirements.txt")"
 
 # ---------------------------------------------------------------------------------------
 say() { printf '==> %s\n' "$*" >&2; }
@@ -92,6 +98,40 @@ tools_python() {
     have="$("$COMPONENTIZE_PY" --version)"
     [ "$have" = "$want" ] || die "installed '$have' but wanted '$want'" "remove $PY_VENV and run again"
     say "python tools: done ($(elapsed "$t"))"
+}
+
+# C: zig's compiler from the `ziglang` wheel (it carries its own wasi-libc), in a venv.
+ZIG_VENV="$CACHE/zig-venv"
+# zig keeps the C library it builds for wasm32-wasi here (a minute the first time).
+export ZIG_GLOBAL_CACHE_DIR="${ZIG_GLOBAL_CACHE_DIR:-$CACHE/zig-cache}"
+
+tools_c() {
+    local have="" t
+    have="$("$ZIG_VENV/bin/python" -m ziglang version 2>/dev/null || true)"
+    if [ "$have" = "$ZIGLANG_VERSION" ]; then
+        say "c tools: zig $have already in $ZIG_VENV"
+        return
+    fi
+    need python3 "zig (the ziglang wheel) is installed with pip into a venv." "apt-get install python3 python3-venv"
+    t=$(now)
+    say "c tools: installing zig $ZIGLANG_VERSION (the ziglang wheel, ~50 MB) into $ZIG_VENV"
+    rm -rf "$ZIG_VENV"
+    python3 -m venv "$ZIG_VENV" || die "could not create a Python venv in $ZIG_VENV" "apt-get install python3-venv"
+    "$ZIG_VENV/bin/pip" install --quiet --disable-pip-version-check --no-input -r "$TOOLS_SRC/c/requirements.txt" ||
+        die "pip could not install ziglang==$ZIGLANG_VERSION" "check that PyPI is reachable"
+    say "c tools: done ($(elapsed "$t"))"
+}
+
+# The gateway binary that makes C plugins (bindings and componentize).
+gateway_bin() {
+    if [ -n "${GATEWAY:-}" ]; then
+        command -v "$GATEWAY" >/dev/null || die "GATEWAY=$GATEWAY is not a program"
+        realpath "$(command -v "$GATEWAY")"
+        return
+    fi
+    say "c tools: building the gateway (cargo build --profile ci -p gateway) for its C bindings and componentize" >&2
+    (cd "$ROOT" && cargo build --quiet --profile ci -p gateway) || die "cargo build of the gateway failed (see above)"
+    echo "${CARGO_TARGET_DIR:-$ROOT/target}/ci/gateway"
 }
 
 # npm tools: scripts/guest-tools/<set>/package{,-lock}.json installed with npm into
@@ -215,6 +255,26 @@ build_rust() {
     mv "$OUT/$name.wasm.tmp" "$OUT/$name.wasm"
 }
 
+build_c() {
+    local name="$1" dir="$2" key project
+    [ -f "$dir/plugin.c" ] || die "$dir has no plugin.c" "a C plugin's source is plugin.c"
+    key="$( (echo "$ZIGLANG_VERSION"; sha <"$GATEWAY_BIN"; tree_hash "$dir" "$WIT") | sha)"
+    if up_to_date "$name" "$key"; then
+        say "$name: up to date ($OUT/$name.wasm)"
+        return
+    fi
+    # The user's way: a `gateway plugin new --lang c` project (generated bindings and
+    # build.sh) with this plugin's source in it.
+    project="$(mktemp -d)/$name"
+    "$GATEWAY_BIN" plugin new "$name" --lang c --dir "$project" >/dev/null || die "gateway plugin new --lang c failed"
+    cp "$dir/plugin.c" "$project/plugin.c"
+    ln -s "$ZIG_VENV" "$project/.venv"
+    GATEWAY="$GATEWAY_BIN" "$project/build.sh" >/dev/null || die "build.sh failed for $dir (see above)"
+    mv "$project/$name.wasm" "$OUT/$name.wasm"
+    rm -rf "$(dirname "$project")"
+    echo "$key" >"$OUT/.$name.inputs"
+}
+
 # Where the tools are, for tests that build `gateway plugin new` projects.
 write_tools_env() {
     local js_modules="$CACHE/npm-starlingmonkey/node_modules"
@@ -222,6 +282,7 @@ write_tools_env() {
         echo "# Written by scripts/build-guest-plugins.sh: the guest tools it installed."
         [ -x "$COMPONENTIZE_PY" ] && echo "COMPONENTIZE_PY=$COMPONENTIZE_PY"
         [ -x "$js_modules/.bin/componentize-js" ] && echo "NODE_MODULES=$js_modules"
+        [ -x "$ZIG_VENV/bin/python" ] && echo "ZIG_VENV=$ZIG_VENV" && echo "ZIG_GLOBAL_CACHE_DIR=$ZIG_GLOBAL_CACHE_DIR"
         true
     } >"$OUT/tools.env.tmp"
     mv "$OUT/tools.env.tmp" "$OUT/tools.env"
@@ -243,14 +304,14 @@ done
 all_names() {
     local src d
     for src in "${SOURCES[@]}"; do
-        for d in "$src"/python-* "$src"/js-* "$src"/rust-*; do
+        for d in "$src"/python-* "$src"/js-* "$src"/rust-* "$src"/c-*; do
             [ -d "$d" ] && basename "$d"
         done
     done
 }
 if [ ${#names[@]} -eq 0 ]; then
     mapfile -t names < <(all_names)
-    [ ${#names[@]} -gt 0 ] || die "no {python,js,rust}-* plugin folders found in ${SOURCES[*]}"
+    [ ${#names[@]} -gt 0 ] || die "no {python,js,rust,c}-* plugin folders found in ${SOURCES[*]}"
 fi
 for n in "${names[@]}"; do
     n="${n##*/}"
@@ -260,19 +321,21 @@ done
 start=$(now)
 say "tool cache: $CACHE"
 mkdir -p "$CACHE" || die "cannot create $CACHE" "set GUEST_TOOLS_DIR to a writable folder"
-want_py=0 want_js=0 want_rust=0
+want_py=0 want_js=0 want_rust=0 want_c=0
 for n in "${names[@]}"; do
     case "${n##*/}" in
         python-*) want_py=1 ;;
         js-*) want_js=1 ;;
         rust-*) want_rust=1 ;;
-        *) die "'$n': an example's folder name must start with python-, js- or rust-" ;;
+        c-*) want_c=1 ;;
+        *) die "'$n': an example's folder name must start with python-, js-, rust- or c-" ;;
     esac
 done
-[ $tools_only = 1 ] && want_py=1 want_js=1 want_rust=1
+[ $tools_only = 1 ] && want_py=1 want_js=1 want_rust=1 want_c=1
 [ $want_py = 1 ] && tools_python
 [ $want_js = 1 ] && tools_npm "$JS_SET" "$JS_BIN"
 [ $want_rust = 1 ] && need_rust_target
+[ $want_c = 1 ] && tools_c
 need python3 "the import check (scripts/guest-tools/component-imports.py) runs on Python 3." "apt-get install python3"
 if [ $want_js = 1 ] && [ "$JS_ENGINE" = quickjs ]; then
     say "WARNING: componentize-qjs 0.4.5 (--sync) does not drop the borrowed \`request\` before \`pick\`"
@@ -295,6 +358,10 @@ for n in "${names[@]}"; do
         python-*) build_python "$n" "$dir" ;;
         js-*) build_js "$n" "$dir" ;;
         rust-*) build_rust "$n" "$dir" ;;
+        c-*)
+            [ -n "${GATEWAY_BIN:-}" ] || GATEWAY_BIN="$(gateway_bin)"
+            build_c "$n" "$dir"
+            ;;
     esac
     check_imports "$OUT/$n.wasm" "${n%%-*}"
     say "$n: $OUT/$n.wasm, $(wc -c <"$OUT/$n.wasm") bytes ($(elapsed "$t"))"

@@ -1,7 +1,8 @@
 //! What a plugin costs in each guest language: Rust (the built-in round robin and the
 //! `rust-header-canary` example), Python (`python-round-robin`, `python-path-router`)
-//! and JavaScript/StarlingMonkey (`js-round-robin`, `js-least-latency`). The
-//! `*-round-robin` plugins are one algorithm in three languages (exact round robin over a
+//! JavaScript/StarlingMonkey (`js-round-robin`, `js-least-latency`) and C
+//! (`c-round-robin`, zig cc). The
+//! `*-round-robin` plugins are one algorithm in four languages (exact round robin over a
 //! host counter), so they compare the languages; the examples show real strategies.
 //!
 //! For each plugin, through the gateway's own `PluginHost` / `Binding` / `Selector` (as
@@ -50,7 +51,7 @@ const SIZES: [usize; 2] = [10, 1_000];
 struct Subject {
     /// Name in the tables.
     name: &'static str,
-    /// Rust, Python or JS.
+    /// Rust, Python, JS or C.
     lang: &'static str,
     /// The component file, or `None` for the built-in round robin.
     file: Option<&'static str>,
@@ -70,6 +71,7 @@ const SUBJECTS: &[Subject] = &[
     },
     Subject { name: "js-round-robin", lang: "JS", file: Some("js-round-robin"), params: "{}" },
     Subject { name: "js-least-latency", lang: "JS", file: Some("js-least-latency"), params: "{}" },
+    Subject { name: "c-round-robin", lang: "C", file: Some("c-round-robin"), params: "{}" },
 ];
 
 fn guest_dir() -> PathBuf {

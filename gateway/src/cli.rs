@@ -266,6 +266,15 @@ pub enum PluginCommand {
         /// The cache folder.
         dir: PathBuf,
     },
+    /// Wrap a core Wasm module (a C plugin's, say) as a component: the module must carry
+    /// the world's types, as code built with `wit-bindgen c` does.
+    Componentize {
+        /// The core module.
+        module: PathBuf,
+        /// The component file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Write a built-in strategy out as a component file.
     Export {
         /// Built-in name, e.g. round-robin.

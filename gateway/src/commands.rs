@@ -182,6 +182,31 @@ pub fn plugin_export(name: &str, output: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+pub fn plugin_componentize(module: &Path, output: &Path) -> anyhow::Result<ExitCode> {
+    let bytes = std::fs::read(module).with_context(|| format!("cannot read {}", module.display()))?;
+    if bytes.starts_with(b"\0asm") && bytes.get(4..8) != Some(&[1, 0, 0, 0][..]) {
+        anyhow::bail!("{} is already a component: `gateway plugin check` it as it is", module.display());
+    }
+    let component = wit_component::ComponentEncoder::default()
+        .module(&bytes)
+        .and_then(|e| e.validate(true).encode())
+        .map_err(|e| {
+        anyhow::anyhow!(
+            "cannot wrap {} as a component: {e:#}\n  hint: link the bindings' `*_component_type.o` into the module \
+                 (the C template's build.sh does), and import nothing but the gateway's interfaces",
+            module.display()
+        )
+    })?;
+    std::fs::write(output, &component).with_context(|| format!("cannot write {}", output.display()))?;
+    println!(
+        "wrote {} ({} bytes); check it with `gateway plugin check {}`",
+        output.display(),
+        component.len(),
+        output.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {

@@ -39,6 +39,7 @@ fn main() -> ExitCode {
             PluginCommand::Check { file, params } => commands::plugin_check(&file, &params),
             PluginCommand::List { plugins } => commands::plugin_list(&plugins),
             PluginCommand::Export { name, output } => commands::plugin_export(&name, &output),
+            PluginCommand::Componentize { module, output } => commands::plugin_componentize(&module, &output),
             PluginCommand::New { name, lang, dir } => commands::plugin_new(&name, lang, dir),
             PluginCommand::CompileIntoCache { dir } => Ok(gateway::plugin::compile_child_main(&dir)),
         },

@@ -1,10 +1,12 @@
 //! `gateway plugin new`: a ready-to-build plugin project whose strategy is a commented
-//! round robin, with the WIT world (and, for Rust, the SDK) included.
+//! round robin, with the WIT world (and, for Rust, the SDK; for C, the generated bindings)
+//! included.
 
 use std::path::{Path, PathBuf};
 
 mod embedded {
     include!(concat!(env!("OUT_DIR"), "/scaffold_files.rs"));
+    include!(concat!(env!("OUT_DIR"), "/c_bindings.rs"));
 }
 
 /// Languages a project can be created in.
@@ -16,6 +18,8 @@ pub enum Lang {
     Python,
     /// JavaScript, built with componentize-js.
     Js,
+    /// C, compiled with `zig cc` (or clang) against bindings from `wit-bindgen c`.
+    C,
 }
 
 /// Why a project could not be created.
@@ -55,6 +59,12 @@ fn templates(lang: Lang) -> Vec<(&'static str, &'static str)> {
             ("package.json", include_str!("../templates/js/package.json.tmpl")),
             ("README.md", include_str!("../templates/js/README.md.tmpl")),
         ],
+        Lang::C => vec![
+            ("plugin.c", include_str!("../templates/c/plugin.c.tmpl")),
+            ("build.sh", include_str!("../templates/c/build.sh.tmpl")),
+            ("requirements.txt", include_str!("../templates/c/requirements.txt.tmpl")),
+            ("README.md", include_str!("../templates/c/README.md.tmpl")),
+        ],
     }
 }
 
@@ -71,22 +81,30 @@ pub fn create(name: &str, lang: Lang, dest: &Path) -> Result<Vec<PathBuf>, Scaff
         return Err(ScaffoldError::Exists(dest.into()));
     }
     let crate_name = name.replace('-', "_");
-    let mut files: Vec<(String, String)> = templates(lang)
+    let mut files: Vec<(String, Vec<u8>)> = templates(lang)
         .into_iter()
-        .map(|(path, text)| (path.to_owned(), text.replace("{{name}}", name).replace("{{crate}}", &crate_name)))
+        .map(|(path, text)| (path.to_owned(), text.replace("{{name}}", name).replace("{{crate}}", &crate_name).into()))
         .collect();
     for (path, text) in embedded::FILES {
         let wanted = path.starts_with("wit/") || (lang == Lang::Rust && path.starts_with("sdk/"));
         if wanted {
-            files.push(((*path).to_owned(), (*text).to_owned()));
+            files.push(((*path).to_owned(), text.as_bytes().to_vec()));
         }
+    }
+    if lang == Lang::C {
+        files.extend(embedded::C_FILES.iter().map(|(path, bytes)| ((*path).to_owned(), bytes.to_vec())));
     }
     let mut written = Vec::new();
     for (rel, text) in files {
         let path = dest.join(&rel);
         let write = || -> std::io::Result<()> {
             std::fs::create_dir_all(path.parent().expect("joined path has a parent"))?;
-            std::fs::write(&path, text)
+            std::fs::write(&path, text)?;
+            if rel.ends_with(".sh") {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+            }
+            Ok(())
         };
         write().map_err(|error| ScaffoldError::Write { path: path.clone(), error })?;
         written.push(path);
@@ -113,15 +131,17 @@ mod tests {
 
     #[test]
     fn python_and_js_projects_have_their_build_files_and_no_sdk() {
-        for (lang, source, build_file) in
-            [(Lang::Python, "app.py", "requirements.txt"), (Lang::Js, "plugin.js", "package.json")]
-        {
+        for (lang, source, build_file) in [
+            (Lang::Python, "app.py", "requirements.txt"),
+            (Lang::Js, "plugin.js", "package.json"),
+            (Lang::C, "plugin.c", "build.sh"),
+        ] {
             let dir = std::env::temp_dir().join(format!("gateway-scaffold-{lang:?}-{}", std::process::id()));
             let files = create("my-strategy", lang, &dir).unwrap();
             let has = |p: &str| files.iter().any(|f| f.ends_with(p));
             assert!(has("wit/selector.wit") && has(source) && has(build_file) && has("README.md"), "{files:?}");
             assert!(!files.iter().any(|f| f.starts_with(dir.join("sdk"))), "{lang:?} needs no SDK: {files:?}");
-            for file in &files {
+            for file in files.iter().filter(|f| f.extension().is_none_or(|x| x != "o")) {
                 let text = std::fs::read_to_string(file).unwrap();
                 assert!(!text.contains("{{"), "{} keeps a placeholder", file.display());
             }

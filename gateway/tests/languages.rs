@@ -323,14 +323,19 @@ fn new_project_builds_checks_and_serves(lang: &str, wasm_in_project: &str) {
     for line in &commands {
         let started = Instant::now();
         if line.starts_with("python3 -m venv") {
-            // The one-time install: the venv the script made, at the same pinned version.
-            let want = pinned(&root.join("scripts/guest-tools/python/requirements.txt"), "componentize-py");
-            assert_eq!(
-                pinned(&project.join("requirements.txt"), "componentize-py"),
-                want,
-                "template and tools disagree"
-            );
-            let venv = guest_tool("COMPONENTIZE_PY").parent().unwrap().parent().unwrap().to_path_buf();
+            // The one-time install: the venv the script made, at the same pinned version
+            // (componentize-py for Python, the ziglang wheel for C).
+            let (tools, package, venv) = if lang == "c" {
+                ("c", "ziglang", guest_tool("ZIG_VENV"))
+            } else {
+                (
+                    "python",
+                    "componentize-py",
+                    guest_tool("COMPONENTIZE_PY").parent().unwrap().parent().unwrap().to_path_buf(),
+                )
+            };
+            let want = pinned(&root.join(format!("scripts/guest-tools/{tools}/requirements.txt")), package);
+            assert_eq!(pinned(&project.join("requirements.txt"), package), want, "template and tools disagree");
             std::os::unix::fs::symlink(venv, project.join(".venv")).unwrap();
             continue;
         }
@@ -349,6 +354,10 @@ fn new_project_builds_checks_and_serves(lang: &str, wasm_in_project: &str) {
         }
         let mut cmd = Command::new("sh");
         cmd.arg("-c").arg(line).current_dir(&project).env("PATH", &path).env("XDG_CACHE_HOME", cache);
+        if lang == "c" {
+            // zig's wasm32-wasi C library, built once by scripts/build-guest-plugins.sh.
+            cmd.env("ZIG_GLOBAL_CACHE_DIR", guest_tool("ZIG_GLOBAL_CACHE_DIR"));
+        }
         for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_BUILD_TARGET", "CARGO_TARGET_DIR", "RUST_LOG"] {
             cmd.env_remove(var);
         }
@@ -396,6 +405,29 @@ fn plugin_new_python_project_builds_and_passes_check() {
 #[test]
 fn plugin_new_js_project_builds_and_passes_check() {
     new_project_builds_checks_and_serves("js", "{name}.wasm");
+}
+
+#[test]
+fn plugin_new_c_project_builds_and_passes_check() {
+    new_project_builds_checks_and_serves("c", "{name}.wasm");
+}
+
+#[test]
+fn c_plugin_routes_in_exact_round_robin_and_marks_its_answers() {
+    let _serial = one_at_a_time();
+    let plugin = guest_plugin("c-round-robin");
+    let b: Vec<Backend> = (1..=3).map(|i| Backend::new(&format!("backend-{i}"))).collect();
+    let specs: Vec<String> = b.iter().map(|b| b.addr().to_string()).collect();
+    let (gw, _dir) = start_with_plugin(&plugin, "c-round-robin", &specs, &[], &example_cache());
+    let mut seq = Vec::new();
+    for _ in 0..9 {
+        let r = request_with_headers(gw.addr, "GET", "/", &[]).expect("GET /");
+        assert_eq!(r.status, 200, "{} {}", r.status, r.body);
+        assert_eq!(r.header("x-round-robin"), "c", "answered by the C plugin, not the fallback");
+        seq.push(r.header("x-backend").to_owned());
+    }
+    assert!(is_rotation_of(&seq, &["backend-1", "backend-2", "backend-3"]), "{seq:?}");
+    assert_no_plugin_failures(&gw);
 }
 
 // ---------------------------------------------------------------------------------------
