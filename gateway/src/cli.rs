@@ -150,6 +150,71 @@ pub enum Command {
     /// heartbeat every third of the TTL, register again after a 404, deregister on
     /// SIGTERM/SIGINT.
     Register(RegisterArgs),
+    /// Run recorded requests (JSON lines: the JSON access log, or method/path/host/client/
+    /// headers) through a strategy offline and report where they went: requests per
+    /// backend, stickiness, churn against another strategy, what removing a backend
+    /// moves, and decision time.
+    Replay(ReplayArgs),
+}
+
+/// `gateway replay ...`
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// The strategy: a built-in name, a name in the plugins folder, or a .wasm file.
+    #[arg(long)]
+    pub strategy: String,
+    /// Its params (JSON).
+    #[arg(long, default_value = "{}")]
+    pub params: String,
+    /// The backends: a YAML list of {address, id, weight, zone, labels, healthy,
+    /// active_requests, ewma_latency_us}.
+    #[arg(long, value_name = "POOL.yaml")]
+    pub pool: PathBuf,
+    /// The requests: JSON lines (the gateway's JSON access log works as it is).
+    #[arg(long, value_name = "FILE")]
+    pub requests: PathBuf,
+    /// Also replay through this strategy and report the churn between the two.
+    #[arg(long, value_name = "STRATEGY")]
+    pub compare: Option<String>,
+    /// Params of the --compare strategy (JSON).
+    #[arg(long, default_value = "{}")]
+    pub compare_params: String,
+    /// Replay again without this backend (by id; repeatable) and report how many keys move.
+    #[arg(long = "remove", value_name = "ID")]
+    pub remove: Vec<String>,
+    /// What stickiness and key movement are measured by: client, header:NAME,
+    /// cookie:NAME or query:NAME.
+    #[arg(long, default_value = "client")]
+    pub key: crate::replay::Key,
+    /// Plugins folder for strategy names.
+    #[arg(long, default_value = "plugins")]
+    pub plugins: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ReplayArgs {
+    /// The replay's options, with the params parsed.
+    pub fn options(&self) -> anyhow::Result<crate::replay::Options> {
+        let json = |flag: &str, text: &str| {
+            serde_json::from_str::<serde_json::Value>(text)
+                .map_err(|e| anyhow::anyhow!("{flag} `{text}` is not JSON: {e}"))
+        };
+        Ok(crate::replay::Options {
+            strategy: self.strategy.clone(),
+            params: json("--params", &self.params)?,
+            pool: self.pool.clone(),
+            requests: self.requests.clone(),
+            compare: match &self.compare {
+                Some(name) => Some((name.clone(), json("--compare-params", &self.compare_params)?)),
+                None => None,
+            },
+            remove: self.remove.clone(),
+            key: self.key.clone(),
+            plugins: self.plugins.clone(),
+        })
+    }
 }
 
 /// `gateway register ...`

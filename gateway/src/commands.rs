@@ -182,6 +182,16 @@ pub fn plugin_export(name: &str, output: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+pub fn replay(args: &gateway::cli::ReplayArgs) -> anyhow::Result<ExitCode> {
+    let report = gateway::replay::replay(&args.options()?)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        gateway::replay::print(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn plugin_componentize(module: &Path, output: &Path) -> anyhow::Result<ExitCode> {
     let bytes = std::fs::read(module).with_context(|| format!("cannot read {}", module.display()))?;
     if bytes.starts_with(b"\0asm") && bytes.get(4..8) != Some(&[1, 0, 0, 0][..]) {

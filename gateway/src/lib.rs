@@ -20,6 +20,7 @@ pub mod pool;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod reload;
+pub mod replay;
 pub mod router;
 pub mod scaffold;
 pub mod select;

@@ -35,6 +35,7 @@ fn main() -> ExitCode {
         Some(Command::Register(args)) => {
             args.options().and_then(gateway::discovery::sidecar::run).map(|()| ExitCode::SUCCESS)
         }
+        Some(Command::Replay(args)) => commands::replay(&args),
         Some(Command::Plugin { command }) => match command {
             PluginCommand::Check { file, params } => commands::plugin_check(&file, &params),
             PluginCommand::List { plugins } => commands::plugin_list(&plugins),
