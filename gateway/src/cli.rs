@@ -306,6 +306,15 @@ pub enum PluginCommand {
         /// Also run its `configure` with these params (JSON).
         #[arg(long, default_value = "{}")]
         params: String,
+        /// Also push a pool and ask `pick` for a few sample requests and a retry, as
+        /// traffic would: a plugin that fails on real calls (an exception in `pick`)
+        /// fails here, with its own message.
+        #[arg(long)]
+        smoke: bool,
+        /// The pool for --smoke (implies it): a YAML list of backends, as for
+        /// `gateway replay` [default: four sample backends in two zones, one down].
+        #[arg(long, value_name = "POOL.yaml")]
+        pool: Option<PathBuf>,
     },
     /// List the built-in strategies and those in the plugins folder.
     List {

@@ -92,7 +92,7 @@ pub fn config_check(file: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn plugin_check(file: &Path, params: &str) -> anyhow::Result<ExitCode> {
+pub fn plugin_check(file: &Path, params: &str, smoke: bool, pool: Option<&Path>) -> anyhow::Result<ExitCode> {
     let params: serde_json::Value =
         serde_json::from_str(params).with_context(|| format!("--params `{params}` is not JSON"))?;
     let host = PluginHost::new(&config::Plugins::default())?;
@@ -100,24 +100,37 @@ pub fn plugin_check(file: &Path, params: &str) -> anyhow::Result<ExitCode> {
     let result = host.load_file(name, file).and_then(|p| {
         let size = p.size;
         let compile = p.compile_time;
-        host.bind("check", p, &params).map(|_| (size, compile))
+        host.bind("check", p, &params).map(|b| (size, compile, b))
     });
-    match result {
-        Ok((size, compile)) => {
-            println!(
-                "ok: {} is a valid strategy for {} ({} KiB, compiled in {:.0?}; configure accepted {params})",
-                file.display(),
-                plugin::WORLD,
-                size.div_ceil(1024),
-                compile
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+    let (size, compile, binding) = match result {
+        Ok(ok) => ok,
         Err(e) => {
             eprintln!("invalid: {e}");
-            Ok(ExitCode::FAILURE)
+            return Ok(ExitCode::FAILURE);
         }
+    };
+    let smoked = if smoke {
+        match gateway::replay::smoke(&binding, pool) {
+            Ok(lines) => lines,
+            Err(e) => {
+                eprintln!("invalid: {} loads and accepts {params}, but {e}", file.display());
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    } else {
+        Vec::new()
+    };
+    println!(
+        "ok: {} is a valid strategy for {} ({} KiB, compiled in {:.0?}; configure accepted {params})",
+        file.display(),
+        plugin::WORLD,
+        size.div_ceil(1024),
+        compile
+    );
+    for line in &smoked {
+        println!("  {line}");
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn plugin_list(dir: &Path) -> anyhow::Result<ExitCode> {

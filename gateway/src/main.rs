@@ -37,7 +37,9 @@ fn main() -> ExitCode {
         }
         Some(Command::Replay(args)) => commands::replay(&args),
         Some(Command::Plugin { command }) => match command {
-            PluginCommand::Check { file, params } => commands::plugin_check(&file, &params),
+            PluginCommand::Check { file, params, smoke, pool } => {
+                commands::plugin_check(&file, &params, smoke || pool.is_some(), pool.as_deref())
+            }
             PluginCommand::List { plugins } => commands::plugin_list(&plugins),
             PluginCommand::Export { name, output } => commands::plugin_export(&name, &output),
             PluginCommand::Componentize { module, output } => commands::plugin_componentize(&module, &output),

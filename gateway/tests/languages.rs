@@ -598,3 +598,21 @@ fn python_and_js_plugins_hot_swap_under_load_without_a_failed_request() {
         cached[cached.len() - 1]
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// (e) A plugin that loads but fails when called, caught before it ships
+
+#[test]
+fn smoke_check_catches_a_python_exception_in_pick_that_a_plain_check_lets_through() {
+    let _serial = one_at_a_time();
+    let plugin = guest_plugin("python-attribute-error");
+    let file = plugin.to_str().unwrap();
+    let cache = example_cache();
+    let env = [("XDG_CACHE_HOME", cache.as_str())];
+    let plain = run_cli_with_env(&["plugin", "check", file], &env, Duration::from_secs(120));
+    assert_eq!(plain.code, Some(0), "configure and loading work: {plain:?}");
+    let smoke = run_cli_with_env(&["plugin", "check", file, "--smoke"], &env, Duration::from_secs(120));
+    assert_eq!(smoke.code, Some(1), "{smoke:?}");
+    assert!(smoke.stderr.contains("pick #1") && smoke.stderr.contains("failed"), "{smoke:?}");
+    eprintln!("plugin check --smoke: {}", smoke.stderr.trim());
+}

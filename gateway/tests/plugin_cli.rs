@@ -80,3 +80,38 @@ fn export_of_an_unknown_name_lists_the_builtins() {
     assert!(out.stderr.contains("round-robin"), "the built-ins are not listed: {out:?}");
     assert!(!target.exists(), "a file was written");
 }
+
+#[test]
+fn smoke_check_catches_a_plugin_that_only_fails_when_called() {
+    let file = test_plugin("trap");
+    let file = file.to_str().unwrap();
+    // Loading and `configure` succeed: a plain check cannot see the bug.
+    let out = cli(&["plugin", "check", file]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let out = cli(&["plugin", "check", file, "--smoke"]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("pick #1 (GET / from 203.0.113.7) failed"), "{out:?}");
+    assert!(out.stderr.contains("Trap"), "{out:?}");
+}
+
+#[test]
+fn smoke_check_shows_what_a_good_plugin_decides_on_the_sample_or_given_pool() {
+    let dir = TempDir::new();
+    let file = export_round_robin(&dir, "rr.wasm");
+    let out = cli(&["plugin", "check", &file, "--smoke"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("pool-changed: accepted 4 backends (3 healthy)"), "{out:?}");
+    assert_eq!(out.stdout.matches("pick #").count(), 4, "{out:?}");
+    assert!(out.stdout.contains("retry excluding b"), "{out:?}");
+    assert!(!out.stdout.contains("b4"), "the down backend was picked: {out:?}");
+
+    let pool = dir.write("pool.yaml", "- { id: only, address: 10.0.0.9:80 }\n- { id: other, address: 10.0.0.8:80 }\n");
+    let out = cli(&["plugin", "check", &file, "--pool", pool.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "--pool implies --smoke: {out:?}");
+    assert!(out.stdout.contains("accepted 2 backends (2 healthy)"), "{out:?}");
+
+    let bad = dir.write("bad.yaml", "- { id: x, address: nowhere }\n");
+    let out = cli(&["plugin", "check", &file, "--pool", bad.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("bad.yaml:1:"), "{out:?}");
+}
