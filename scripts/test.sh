@@ -69,8 +69,9 @@ if ! "$venv/bin/python" -c "import grpc, h2, sys; sys.exit(grpc.__version__ != '
 fi
 echo "grpcio $("$venv/bin/python" -c 'import grpc; print(grpc.__version__)'), h2 $("$venv/bin/python" -c 'import h2; print(h2.__version__)')"
 
-# Pinned componentize-py / componentize-js (cached in ~/.cache/gateway-guest-tools), then
-# the Python, JavaScript and Rust guest plugins into target/guest-plugins/, which
+# Pinned componentize-py / componentize-js / zig (cached in ~/.cache/gateway-guest-tools),
+# then the Python, JavaScript, Rust and C guest plugins into target/guest-plugins/ (C
+# plugins are made with the gateway itself, so this builds it first), which
 # gateway/tests/languages.rs and gateway/benches/languages.rs use.
 step "guest-language plugins (scripts/build-guest-plugins.sh)"
 scripts/build-guest-plugins.sh
