@@ -21,7 +21,7 @@ fi
 
 # The suite's test files, in the order of docs/reliability.md's tables; files that do not
 # exist (yet) are skipped.
-suite=(reliability plugin_faults plugin_quarantine plugin_limits plugin_memory hot_swap abuse_http rapid_reset limits abuse_config fuzz_config)
+suite=(reliability plugin_faults plugin_quarantine plugin_limits plugin_memory hot_swap abuse_http rapid_reset limits abuse_config fuzz_config fuzz_answers)
 args=()
 for t in "${suite[@]}"; do
   [ -f "gateway/tests/$t.rs" ] && args+=(--test "$t")
