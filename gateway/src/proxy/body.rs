@@ -22,20 +22,37 @@ pub enum RequestBody {
 /// The client's request body, shared by the attempts of one request. The first attempt
 /// that reads it takes it; an attempt that never read it (e.g. connect failed) leaves it
 /// for the next one. So a retry is possible exactly when no byte has been sent yet.
+///
+/// Two pointers: it travels with every attempt's request through the backend
+/// connection's channels, so it is kept small.
 #[derive(Debug, Clone)]
 pub struct Replayable {
-    slot: Arc<Mutex<Option<Incoming>>>,
+    shared: Arc<Shared>,
     /// Body bytes sent to a backend so far (for the access log).
     sent: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// What the attempts of one request share of its body.
+#[derive(Debug)]
+pub struct Shared {
+    slot: Mutex<Option<Incoming>>,
     /// The route's `max_body_bytes`: the stream is cut before a chunk that would pass it.
     limit: Option<u64>,
     /// The body passed `limit` (the client gets 413 if no response has started).
-    over: Arc<std::sync::atomic::AtomicBool>,
+    over: std::sync::atomic::AtomicBool,
     /// The listener's `body_timeout`: the longest wait for the next piece of the body.
     timeout: Duration,
     /// The body stalled for `timeout` and was cut (the client gets 408 if no response
     /// has started).
-    stalled: Arc<std::sync::atomic::AtomicBool>,
+    stalled: std::sync::atomic::AtomicBool,
+}
+
+impl std::ops::Deref for Replayable {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
 }
 
 /// The request body passed the route's `max_body_bytes`: the backend sees an aborted body.
@@ -59,14 +76,14 @@ impl Replayable {
     /// Wraps the client's body; at most `limit` bytes of it are passed on, and it is
     /// cut when no piece of it arrives for `timeout`.
     pub fn new(body: Incoming, limit: Option<u64>, timeout: Duration) -> Self {
-        Replayable {
-            slot: Arc::new(Mutex::new(Some(body))),
-            sent: Arc::default(),
+        let shared = Shared {
+            slot: Mutex::new(Some(body)),
             limit,
-            over: Arc::default(),
+            over: Default::default(),
             timeout,
-            stalled: Arc::default(),
-        }
+            stalled: Default::default(),
+        };
+        Replayable { shared: Arc::new(shared), sent: Arc::default() }
     }
 
     /// Whether no attempt has started reading the body.
