@@ -5,7 +5,7 @@ mod util;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
-use util::{Backend, Gateway, TempDir, get, message, test_plugin};
+use util::{Backend, Gateway, TempDir, get, message, report, test_plugin};
 
 /// Starts a gateway over two backends with the plugins folder `dir`, plus `extra` flags.
 fn gateway(dir: &TempDir, backends: &[&Backend], extra: &[&str]) -> Gateway {
@@ -41,13 +41,28 @@ fn serve_all(gw: &Gateway, backends: &[&Backend], n: usize, limit: Duration) -> 
     seen
 }
 
-fn assert_failure_logged(gw: &Gateway, plugin: &str) {
+/// Checks the failure is logged and in the access log; returns the warning's text.
+fn assert_failure_logged(gw: &Gateway, plugin: &str) -> String {
     let warning = gw.wait_for_log(Duration::from_secs(5), |l| message(l).starts_with("plugin call failed"));
     assert_eq!(warning["level"], "WARN", "{warning}");
     assert_eq!(warning["plugin"], plugin, "{warning}");
     // Access-log lines (JSON objects with a request_id) reach stderr within ~200 ms.
     let line = gw.wait_for_log(Duration::from_secs(5), |l| l.get("request_id").is_some() && l["fallback"] == true);
     assert_eq!(line["strategy"], plugin, "the access log names the strategy: {line}");
+    message(&warning).to_owned()
+}
+
+/// A row of table 2 (hostile plugins) of docs/reliability.md.
+fn record(plugin: &str, answered: String, rss: (u64, u64), operator_sees: &str) {
+    report::record(
+        "hostile-plugins",
+        serde_json::json!({
+            "plugin": plugin,
+            "requests answered": answered,
+            "RSS before, after (KiB)": format!("{}, {}", rss.0, rss.1),
+            "what the operator sees": operator_sees,
+        }),
+    );
 }
 
 #[test]
@@ -58,9 +73,11 @@ fn trapping_override_of_a_builtin_falls_back_on_every_request() {
     let mut gw = gateway(&dir, &[&b1, &b2], &[]);
     assert_loaded_from(&gw, &file);
 
+    let before = gw.rss_kib();
     let seen = serve_all(&gw, &[&b1, &b2], 20, Duration::from_secs(2));
     assert_eq!(seen.len(), 2, "the fallback round robin used only {seen:?}");
-    assert_failure_logged(&gw, "round-robin");
+    let warning = assert_failure_logged(&gw, "round-robin");
+    record("trap in `pick`", "20 of 20 (the fallback)".into(), (before, gw.rss_kib()), &warning);
     assert!(gw.is_running());
 }
 
@@ -73,9 +90,11 @@ fn spinning_plugin_is_stopped_by_the_deadline() {
     assert_loaded_from(&gw, &file);
 
     // The default deadline is 20ms: far below the per-request limit, even on a busy machine.
+    let before = gw.rss_kib();
     let seen = serve_all(&gw, &[&b1, &b2], 50, Duration::from_secs(1));
     assert_eq!(seen.len(), 2, "the fallback round robin used only {seen:?}");
-    assert_failure_logged(&gw, "round-robin");
+    let warning = assert_failure_logged(&gw, "round-robin");
+    record("infinite loop in `pick`", "50 of 50 (the fallback)".into(), (before, gw.rss_kib()), &warning);
     assert!(gw.is_running(), "the gateway died");
 }
 
@@ -186,6 +205,7 @@ fn hostile_files_dropped_in_by_hot_swap_are_refused_and_the_old_plugin_keeps_ser
         ),
         ("a broken component (compiled in the child process)", broken, "not a valid component"),
     ];
+    let mut refusals = Vec::new();
     for (what, bytes, expected) in cases {
         let mark = gw.log_mark();
         let started = Instant::now();
@@ -196,6 +216,7 @@ fn hostile_files_dropped_in_by_hot_swap_are_refused_and_the_old_plugin_keeps_ser
         });
         let text = message(&line);
         println!("{what}: refused in {:?}: {text}", started.elapsed());
+        refusals.push(format!("{what}: refused in {:.2} s: {text}", started.elapsed().as_secs_f64()));
         assert!(text.starts_with("plugin refused, the previous version keeps serving"), "{what}: {line}");
         assert!(text.contains(expected), "{what}: the refusal does not say `{expected}`: {line}");
         assert_eq!(line["level"], "ERROR", "{line}");
@@ -206,6 +227,12 @@ fn hostile_files_dropped_in_by_hot_swap_are_refused_and_the_old_plugin_keeps_ser
     println!(
         "hostile hot swaps: {ok} requests answered by the old plugin, {} not; RSS {rss_before} -> {rss_after} KiB",
         bad.len()
+    );
+    record(
+        "a component importing WASI sockets and filesystem, a core module, a 50 MB component, a broken component (each by hot swap)",
+        format!("{ok} of {}, all by the old plugin", ok + bad.len()),
+        (rss_before, rss_after),
+        &refusals.join("; "),
     );
     assert!(bad.is_empty(), "requests that failed or were not served by the old plugin: {bad:?}");
     assert!(ok > 20, "only {ok} requests during the swaps");

@@ -10,7 +10,7 @@ mod util;
 
 use serde_json::Value;
 use std::time::{Duration, Instant};
-use util::{Backend, Gateway, TempDir, get, message, request, test_plugin};
+use util::{Backend, Gateway, TempDir, get, message, report, request, test_plugin};
 
 fn yaml(backends: &[&Backend], params: &str, plugins_extra: &str) -> String {
     let list: String = backends.iter().map(|b| format!("      - {{ address: {} }}\n", b.addr())).collect();
@@ -56,6 +56,19 @@ fn failures(gw: &Gateway, kind: &str) -> u64 {
     v["upstreams"][0]["strategy"]["failures"][kind].as_u64().unwrap_or_else(|| panic!("no {kind} count in {v}"))
 }
 
+/// A row of table 2 (hostile plugins) of docs/reliability.md.
+fn record(plugin: &str, answered: String, rss: (u64, u64), operator_sees: &str) {
+    report::record(
+        "hostile-plugins",
+        serde_json::json!({
+            "plugin": plugin,
+            "requests answered": answered,
+            "RSS before, after (KiB)": format!("{}, {}", rss.0, rss.1),
+            "what the operator sees": operator_sees,
+        }),
+    );
+}
+
 #[test]
 fn ten_thousand_response_headers_are_a_bad_answer_and_the_request_is_still_served() {
     let dir = TempDir::new();
@@ -68,6 +81,7 @@ fn ten_thousand_response_headers_are_a_bad_answer_and_the_request_is_still_serve
     println!("10,000 response headers: {ok}/{n} requests answered; RSS {before} -> {after} KiB");
     assert_eq!(ok, n);
     let line = failure_line(&gw);
+    record("10,000 response headers", format!("{ok} of {n}"), (before, after), message(&line));
     assert_eq!(line["failure"], "BadAnswer", "{line}");
     assert!(message(&line).contains("request.add-response-header: more than 64 response headers"), "{line}");
     assert!(failures(&gw, "bad_answer") >= n as u64 / 2, "not every call counted as a bad answer");
@@ -96,6 +110,12 @@ fn a_100_mb_reject_body_is_refused_where_it_lies_without_being_copied() {
     std::thread::sleep(Duration::from_millis(500));
     let (after, peak) = (gw.rss_kib(), gw.peak_rss_kib());
     println!("100 MB reject body: {ok}/{n} requests answered; RSS {before} -> {after} KiB (peak {peak} KiB)");
+    record(
+        "100 MB reject body",
+        format!("{ok} of {n}"),
+        (before, after),
+        &format!("{} (peak RSS {peak} KiB: the plugin's own memory, freed with the instance)", message(&line)),
+    );
     assert_eq!(ok, n);
     assert!(after < before + 40 * 1024, "RSS grew from {before} to {after} KiB");
     assert!(gw.is_running());
@@ -115,6 +135,7 @@ fn a_key_value_bomb_hits_the_byte_cap_and_the_plugin_is_told() {
     println!("key-value bomb (4 MiB cap, 100 MiB attempted): {ok}/{n} requests answered; RSS {before} -> {after} KiB");
     assert_eq!(ok, n);
     let line = failure_line(&gw);
+    record("key-value bomb (100 MiB tried, 4 MiB cap)", format!("{ok} of {n}"), (before, after), message(&line));
     assert_eq!(line["failure"], "Trap", "{line}");
     let text = message(&line);
     assert!(text.contains("kv-set: the key-value store is full:"), "{line}");
@@ -129,11 +150,13 @@ fn a_counter_bomb_hits_the_byte_cap_and_the_plugin_is_told() {
     let dir = TempDir::new();
     let (b1, b2) = (Backend::new("backend-1"), Backend::new("backend-2"));
     let mut gw = start(&dir, &[&b1, &b2], "{ in: counter-bomb }", "counters_limit_kib: 256");
+    let before = gw.rss_kib();
     let n = 20;
     let ok = answered(&gw, &[&b1, &b2], n, Duration::from_secs(2));
     println!("counter bomb (256 KiB cap): {ok}/{n} requests answered");
     assert_eq!(ok, n);
     let line = failure_line(&gw);
+    record("counter bomb (256 KiB cap)", format!("{ok} of {n}"), (before, gw.rss_kib()), message(&line));
     assert!(message(&line).contains("counter-add: the counters are full:"), "{line}");
     assert!(message(&line).contains("of 262144 bytes (plugins.counters_limit_kib)"), "{line}");
     assert!(gw.is_running());

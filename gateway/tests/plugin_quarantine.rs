@@ -8,7 +8,7 @@ mod util;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use util::{Backend, Gateway, TempDir, get, message, test_plugin};
+use util::{Backend, Gateway, TempDir, get, message, report, test_plugin};
 
 fn yaml(backends: &[&Backend], strategy: &str, params: &str, plugins_extra: &str) -> String {
     let list: String = backends.iter().map(|b| format!("      - {{ address: {} }}\n", b.addr())).collect();
@@ -51,6 +51,19 @@ fn wait_health(gw: &Gateway, mark: usize, addr: SocketAddr, event: &str) {
     gw.wait_for_log_after(mark, Duration::from_secs(10), |l| message(l).starts_with(event) && l["address"] == addr);
 }
 
+/// A row of table 2 (hostile plugins) of docs/reliability.md.
+fn record(plugin: &str, answered: String, rss: (u64, u64), operator_sees: &str) {
+    report::record(
+        "hostile-plugins",
+        serde_json::json!({
+            "plugin": plugin,
+            "requests answered": answered,
+            "RSS before, after (KiB)": format!("{}, {}", rss.0, rss.1),
+            "what the operator sees": operator_sees,
+        }),
+    );
+}
+
 #[test]
 fn a_plugin_that_keeps_trapping_is_quarantined_and_tried_again_after_a_doubling_backoff() {
     let dir = TempDir::new();
@@ -61,6 +74,7 @@ fn a_plugin_that_keeps_trapping_is_quarantined_and_tried_again_after_a_doubling_
         yaml(&[&b1, &b2], "trap", "{}", "quarantine: { after: 5, backoff: 1500ms, max_backoff: 10s }"),
     );
     let gw = Gateway::with_config(&config, dir.path());
+    let rss_before = gw.rss_kib();
 
     // Five traps in a row: quarantined. The next requests are all answered by the
     // fallback without calling the plugin at all.
@@ -86,6 +100,15 @@ fn a_plugin_that_keeps_trapping_is_quarantined_and_tried_again_after_a_doubling_
     assert!((6..=7).contains(&after_try), "one try per worker at most: {after_try} failures");
     serve(&gw, &[&b1, &b2], 20, Duration::from_secs(2));
     assert_eq!(failures(&gw), after_try, "called again during the extended quarantine");
+    record(
+        "trap in `pick`, over and over (quarantine after 5, backoff 1.5 s)",
+        "70 of 70".into(),
+        (rss_before, gw.rss_kib()),
+        &format!(
+            "`plugin quarantined` once; `/api/upstreams` plugin.quarantined_for_ms; `gateway_plugin_quarantined` 1; after the backoff one try, then `plugin still failing` (backoff {}); {after_try} calls in all",
+            line["backoff"].as_str().unwrap_or("?")
+        ),
+    );
 }
 
 #[test]
@@ -102,6 +125,7 @@ fn a_hot_swap_to_a_plugin_that_hangs_in_pool_changed_is_refused_naming_the_call(
     let spin = std::fs::read(test_plugin("spin")).unwrap();
     std::fs::write(dir.path().join("probe.wasm.tmp"), &spin).unwrap();
     std::fs::rename(dir.path().join("probe.wasm.tmp"), dir.path().join("probe.wasm")).unwrap();
+    let rss_before = gw.rss_kib();
     let refused = gw.wait_for_log_after(mark, Duration::from_secs(10), |l| {
         message(l).contains("refused") || message(l).contains("swapped") || message(l).contains("hot-swapped")
     });
@@ -109,6 +133,12 @@ fn a_hot_swap_to_a_plugin_that_hangs_in_pool_changed_is_refused_naming_the_call(
     assert!(text.contains("pool-changed"), "the refusal does not name the call: {text}");
     // The last good version keeps serving, every request on time.
     assert_eq!(serve(&gw, &[&b1], 20, Duration::from_millis(500)), vec!["backend-1"; 20]);
+    record(
+        "infinite loop in `pool-changed`, by hot swap",
+        "25 of 25, by the old plugin".into(),
+        (rss_before, gw.rss_kib()),
+        message(&refused),
+    );
 }
 
 #[test]
@@ -126,6 +156,7 @@ fn a_plugin_that_hangs_in_pool_changed_after_a_pool_change_stalls_no_request() {
         ),
     );
     let gw = Gateway::with_config(&config, dir.path());
+    let rss_before = gw.rss_kib();
     // Each worker's instance picks in turn: 12 requests over two workers reach all three.
     let seen = serve(&gw, &[&b1, &b2, &b3], 12, Duration::from_secs(1));
     assert!([&b1, &b2, &b3].iter().all(|b| seen.iter().any(|s| s == b.name())), "{seen:?}");
@@ -145,6 +176,12 @@ fn a_plugin_that_hangs_in_pool_changed_after_a_pool_change_stalls_no_request() {
         assert_ne!(body, "backend-3", "a request went to the backend that is down");
         n += 1;
     }
+    record(
+        "infinite loop in `pool-changed` once the pool changes",
+        format!("{n} of {n} in 2 s, slowest {:.0} ms", slowest.as_secs_f64() * 1e3),
+        (rss_before, gw.rss_kib()),
+        "`building a plugin instance failed` (call `pool-changed`), then `plugin quarantined`; requests keep the previous pool view or the fallback",
+    );
     // Before: each request waited for the 300 ms setup deadline (2 s by default).
     assert!(slowest < Duration::from_millis(250), "a request waited {slowest:?} ({n} requests)");
     assert!(n > 40, "only {n} requests in 2 s");
@@ -175,10 +212,12 @@ fn a_plugin_that_eats_memory_is_stopped_at_its_limit_and_the_log_says_so() {
     let (b1, b2) = (Backend::new("backend-1"), Backend::new("backend-2"));
     let config = dir.write("gw.yaml", yaml(&[&b1, &b2], "hog", "{ in: pick-memory }", "memory_limit_mib: 16"));
     let mut gw = Gateway::with_config(&config, dir.path());
+    let rss_before = gw.rss_kib();
     // Every request is still answered, by the fallback.
     serve(&gw, &[&b1, &b2], 10, Duration::from_secs(2));
     let line = gw.wait_for_log(Duration::from_secs(5), |l| message(l).starts_with("plugin call failed"));
     let text = message(&line);
+    record("memory bomb in `pick` (memory_limit_mib 16)", "10 of 10".into(), (rss_before, gw.rss_kib()), text);
     assert!(text.contains("pick: memory limit of 16 MiB reached"), "{line}");
     assert!(gw.is_running());
 }

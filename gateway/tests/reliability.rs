@@ -1,8 +1,10 @@
 //! What the gateway survives on the backend side, under load from a fixed number of
 //! concurrent keep-alive clients: a backend answering 500 (retries held to the retry
 //! budget), a frozen backend (SIGSTOP: waiting requests move to another backend as soon
-//! as it is marked down), passive ejection bounded by `max_ejected_percent`, and the
-//! gateway running out of file descriptors (its problem, not the backends').
+//! as it is marked down), a killed one (SIGKILL) and its replacement, one refusing
+//! connections and listening again, one turning 2 s slow, passive ejection bounded by
+//! `max_ejected_percent`, and the gateway running out of file descriptors (its problem,
+//! not the backends').
 //!
 //! Each test prints its figures (`figures: ...`) for docs/reliability.md; run with
 //! `--nocapture` to see them.
@@ -226,33 +228,62 @@ fn a_backend_answering_500_costs_the_others_at_most_the_retry_budget() {
 }
 
 /// A backend in its own process (tests/fault/backend.py), so it can be frozen with
-/// SIGSTOP. Thawed and killed (by PID) when dropped.
+/// SIGSTOP, killed with SIGKILL, or switched to slow or refusing at run time (SIGUSR1,
+/// SIGUSR2). Thawed and killed (by PID) when dropped.
 struct Process {
     child: Child,
     addr: SocketAddr,
+    /// The lines it prints (the port, then one per switch).
+    lines: std::sync::mpsc::Receiver<String>,
 }
 
 impl Process {
     fn start(name: &str) -> Process {
+        Process::start_on(name, 0)
+    }
+
+    /// The same on `port` (0: any free one), e.g. to bring a killed backend back.
+    fn start_on(name: &str, port: u16) -> Process {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fault/backend.py");
         let mut child = Command::new("python3")
             .arg(script)
             .arg(name)
+            .arg(port.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start python3 tests/fault/backend.py");
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)
-            .expect("read the backend's port");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut process = Process { child, addr: SocketAddr::from(([127, 0, 0, 1], 0)), lines };
+        let line = process.next_line();
         let port: u16 = line.trim().parse().unwrap_or_else(|_| panic!("no port from backend.py: {line:?}"));
-        Process { child, addr: SocketAddr::from(([127, 0, 0, 1], port)) }
+        process.addr.set_port(port);
+        process
+    }
+
+    fn next_line(&self) -> String {
+        self.lines.recv_timeout(Duration::from_secs(10)).expect("backend.py prints its line within 10 s")
     }
 
     fn signal(&self, sig: &str) {
         let status = Command::new("kill").arg(sig).arg(self.child.id().to_string()).status().expect("run kill");
         assert!(status.success(), "kill {sig} {} failed", self.child.id());
+    }
+
+    /// Sends `sig` and waits for the backend to say the switch took effect (`said`).
+    fn switch(&self, sig: &str, said: &str) {
+        self.signal(sig);
+        let line = self.next_line();
+        assert_eq!(line, said, "backend.py after {sig}");
     }
 }
 
@@ -353,12 +384,18 @@ fn frozen_backend(strategy: &str) -> String {
 /// Requests sent to the frozen backend so far, answered or not (`requests` in
 /// `/api/upstreams`).
 fn frozen_requests(admin: SocketAddr) -> u64 {
+    backend_requests(admin, "frozen")
+}
+
+/// Requests the gateway sent to backend `id` so far, answered or not (`requests` in
+/// `/api/upstreams`).
+fn backend_requests(admin: SocketAddr, id: &str) -> u64 {
     let (status, body) = get(admin, "/api/upstreams");
     assert_eq!(status, 200, "{body}");
     let api: serde_json::Value = serde_json::from_str(&body).unwrap();
     let backends = api["upstreams"][0]["backends"].as_array().expect("backends");
-    let frozen = backends.iter().find(|b| b["id"] == "frozen").expect("the frozen backend in /api/upstreams");
-    frozen["requests"].as_u64().expect("requests")
+    let backend = backends.iter().find(|b| b["id"] == id).unwrap_or_else(|| panic!("backend {id} in /api/upstreams"));
+    backend["requests"].as_u64().expect("requests")
 }
 
 #[test]
@@ -535,4 +572,273 @@ fn a_request_whose_backend_goes_down_with_no_other_to_go_to_keeps_waiting_for_it
     assert_eq!((status, body.as_str()), (200, "only"), "the answer after {took:?}");
     let down = gw.wait_for_log(Duration::from_secs(1), |l| message(l).starts_with("backend is down"));
     assert!(took >= Duration::from_secs(3), "answered after {took:?}; {down}");
+}
+
+/// Backend `id`'s request count, sampled every 20 ms by a thread of its own while a
+/// fault runs: (time since `started`, requests so far).
+struct Counts {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<(Duration, u64)>>>,
+}
+
+impl Counts {
+    fn start(admin: SocketAddr, id: &'static str, started: Instant) -> Counts {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                // At most 2 minutes, whatever happens to the test.
+                while !stop.load(Ordering::Relaxed) && seen.len() < 6_000 {
+                    seen.push((started.elapsed(), backend_requests(admin, id)));
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                seen
+            })
+        };
+        Counts { stop, thread: Some(thread) }
+    }
+
+    fn finish(mut self) -> Vec<(Duration, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().expect("the sampling thread ends cleanly")
+    }
+}
+
+impl Drop for Counts {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The count at `t` (the last sample taken at or before it).
+fn count_at(counts: &[(Duration, u64)], t: Duration) -> u64 {
+    counts.iter().take_while(|(at, _)| *at <= t).last().map_or(0, |(_, n)| *n)
+}
+
+/// When, after `from`, the backend stopped getting requests: the start of the first
+/// half second without a new one (none before `until`: it never stopped).
+fn stopped_at(counts: &[(Duration, u64)], from: Duration, until: Duration) -> Option<Duration> {
+    let quiet = Duration::from_millis(500);
+    counts
+        .iter()
+        .filter(|(at, _)| *at >= from && *at + quiet <= until)
+        .find(|(at, n)| count_at(counts, *at + quiet) == *n)
+        .map(|(at, _)| *at)
+}
+
+/// The retries the gateway made for upstream `web` (all reasons) and the ones the
+/// budget refused.
+fn retries(m: &HashMap<String, f64>) -> (f64, f64) {
+    let made = m.iter().filter(|(k, _)| k.starts_with("gateway_retries_total{upstream=\"web\"")).map(|(_, v)| v).sum();
+    let skipped =
+        m.iter().filter(|(k, _)| k.starts_with("gateway_retries_skipped_total{upstream=\"web\"")).map(|(_, v)| v).sum();
+    (made, skipped)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    /// `kill -9`, then a new process on the same port.
+    Kill,
+    /// Every answer but `/healthz` takes 2 s, then fast again.
+    Slow,
+    /// The listener and every connection closed, then listening again on the same port.
+    Refuse,
+}
+
+/// What a fault row measured.
+struct FaultRun {
+    requests: usize,
+    /// p99 and slowest latency of the requests sent during the fault, ms.
+    p99_ms: f64,
+    slowest_ms: f64,
+    /// From the fault until the backend stopped getting requests (none: it never did).
+    stopped: Option<Duration>,
+    /// Requests it got during the fault: in all, and after it had stopped (probes).
+    sent_during: u64,
+    sent_after_stop: u64,
+    /// From the recovery until it got a request again.
+    back: Duration,
+    retries: f64,
+    skipped: f64,
+    /// What the retry budget allowed over the run (20% of the requests + 10/s).
+    budget: f64,
+}
+
+/// 20 clients, three backends (health checks every 250 ms), one of them in its own
+/// process faulted for 4 s with `fault` and recovered. Asserts that no request failed.
+fn backend_fault(fault: Fault, strategy: &str, upstream: &str) -> FaultRun {
+    let mut faulty = Some(Process::start("faulty"));
+    let port = faulty.as_ref().unwrap().addr.port();
+    let others = [Backend::new("live-1"), Backend::new("live-2")];
+    let list = backend_list(&[
+        ("faulty".into(), faulty.as_ref().unwrap().addr),
+        ("live-1".into(), others[0].addr()),
+        ("live-2".into(), others[1].addr()),
+    ]);
+    let dir = TempDir::new();
+    let gw = start(
+        &dir,
+        &format!(
+            "listeners: [{{address: 127.0.0.1:0}}]\nthreads: 2\naccess_log: false\nupstreams:\n  web:\n    strategy: {strategy}\n    health_check: {{path: /healthz, interval: 250ms, timeout: 250ms, fall: 2, rise: 2}}\n{upstream}    backends:\n{list}"
+        ),
+    );
+    let admin = gw.admin_addr();
+    let metrics_before = scrape(admin);
+    let load = Load::start(gw.addr, 20, "/page");
+    let counts = Counts::start(admin, "faulty", load.started);
+    std::thread::sleep(Duration::from_secs(1));
+    let fault_at = load.elapsed();
+    match fault {
+        Fault::Kill => {
+            let p = faulty.take().unwrap();
+            p.signal("-KILL");
+            drop(p);
+        }
+        Fault::Slow => faulty.as_ref().unwrap().switch("-USR1", "slow on"),
+        Fault::Refuse => faulty.as_ref().unwrap().switch("-USR2", "refusing"),
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    match fault {
+        Fault::Kill => faulty = Some(Process::start_on("faulty", port)),
+        Fault::Slow => faulty.as_ref().unwrap().switch("-USR1", "slow off"),
+        Fault::Refuse => faulty.as_ref().unwrap().switch("-USR2", "listening"),
+    }
+    // Listening again (or fast again) from here.
+    let recovered_at = load.elapsed();
+    let sent_then = backend_requests(admin, "faulty");
+    poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        (backend_requests(admin, "faulty") > sent_then).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{fault:?}, {strategy}: the backend got no request within 10 s of its recovery"));
+    std::thread::sleep(Duration::from_millis(500));
+    let samples = load.finish();
+    let counts = counts.finish();
+    let metrics_after = scrape(admin);
+    drop(faulty);
+
+    let failed: Vec<&Sample> = samples.iter().filter(|s| s.status != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{fault:?}, {strategy}: {} of {} requests failed: {:?}",
+        failed.len(),
+        samples.len(),
+        &failed[..failed.len().min(5)]
+    );
+    let during: Vec<&Sample> = samples.iter().filter(|s| s.at >= fault_at && s.at < recovered_at).collect();
+    let stopped = stopped_at(&counts, fault_at, recovered_at);
+    let at_fault = count_at(&counts, fault_at);
+    let at_recovery = count_at(&counts, recovered_at);
+    let back = counts
+        .iter()
+        .find(|(at, n)| *at >= recovered_at && *n > at_recovery)
+        .map_or(Duration::MAX, |(at, _)| *at - recovered_at);
+    let ((made_before, skipped_before), (made_after, skipped_after)) =
+        (retries(&metrics_before), retries(&metrics_after));
+    let run = samples.last().map_or(Duration::ZERO, |s| s.at);
+    FaultRun {
+        requests: samples.len(),
+        p99_ms: quantile_ms(&during, 0.99),
+        slowest_ms: during.iter().map(|s| s.latency).max().unwrap_or_default().as_secs_f64() * 1e3,
+        stopped: stopped.map(|t| t - fault_at),
+        sent_during: at_recovery - at_fault,
+        sent_after_stop: stopped.map_or(0, |t| at_recovery - count_at(&counts, t)),
+        back,
+        retries: made_after - made_before,
+        skipped: skipped_after - skipped_before,
+        budget: 0.2 * samples.len() as f64 + 10.0 * run.as_secs_f64(),
+    }
+}
+
+/// Records a row of table 1 (docs/reliability.md).
+fn record_fault(fault: &str, strategy: &str, run: &FaultRun, expectation: &str) {
+    let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1e3);
+    report::record(
+        "backend-faults",
+        serde_json::json!({
+            "fault": fault,
+            "strategy": strategy,
+            "clients": 20,
+            "requests": run.requests,
+            "failed": 0,
+            "p99 / slowest during the fault": format!("{:.0} / {:.0} ms", run.p99_ms, run.slowest_ms),
+            "until it stops getting requests": match run.stopped {
+                Some(t) => format!("{} ({} sent to it during the fault, {} of them later probes)", ms(t), run.sent_during, run.sent_after_stop),
+                None => format!("never ({} sent to it during the fault)", run.sent_during),
+            },
+            "back after recovery": ms(run.back),
+            "retries vs budget": format!("{:.0} retries ({:.1}% of requests) of a budget of {:.0}; {:.0} skipped", run.retries, 100.0 * run.retries / run.requests as f64, run.budget, run.skipped),
+            "what a user expects": expectation,
+        }),
+    );
+}
+
+#[test]
+fn a_killed_backend_costs_no_request_and_its_replacement_gets_traffic() {
+    let _serial = serial();
+    let run = backend_fault(Fault::Kill, "{plugin: round-robin}", "");
+    record_fault(
+        "`kill -9` one of three, restarted on the same port 4 s later",
+        "round-robin",
+        &run,
+        "requests in flight on it and connections refused are retried on the others; health checks take it out, and put the new process in",
+    );
+    let stopped = run.stopped.expect("the killed backend stopped getting requests");
+    assert!(stopped < Duration::from_secs(3), "it got requests for {stopped:?} after the kill");
+    assert!(run.back < Duration::from_secs(5), "back {:?} after its restart", run.back);
+    assert_eq!(run.skipped, 0.0, "no retry was refused by the budget");
+}
+
+#[test]
+fn a_backend_refusing_connections_costs_no_request_and_gets_traffic_when_it_listens_again() {
+    let _serial = serial();
+    let run = backend_fault(Fault::Refuse, "{plugin: round-robin}", "");
+    record_fault(
+        "one of three closes its listener and connections, listens again 4 s later",
+        "round-robin",
+        &run,
+        "as for `kill -9`: refused connects are retried at once (outside the budget), health checks take it out and back",
+    );
+    let stopped = run.stopped.expect("the refusing backend stopped getting requests");
+    assert!(stopped < Duration::from_secs(3), "it got requests for {stopped:?} after it closed");
+    assert!(run.back < Duration::from_secs(5), "back {:?} after it listened again", run.back);
+    assert_eq!(run.skipped, 0.0, "no retry was refused by the budget");
+}
+
+#[test]
+fn a_backend_turning_slow_is_avoided_by_p2c_ewma_and_cut_short_by_a_response_timeout() {
+    let _serial = serial();
+    // Its /healthz stays fast (a cheap health endpoint, a slow database behind the
+    // pages): active health checks see nothing, so this is up to the strategy.
+    // p2c-ewma shuns it after its first slow answers and probes it again as its
+    // latency estimate fades (decay_ms 500 for a short test; the default is 10 s).
+    let run = backend_fault(Fault::Slow, "{plugin: p2c-ewma, params: {decay_ms: 500}}", "");
+    record_fault(
+        "one of three answers in 2 s (its /healthz stays fast) for 4 s",
+        "p2c-ewma (decay_ms 500)",
+        &run,
+        "in-flight counts limit what it gets until its first slow answers (those requests pay 2 s); then it is shunned, and probed again as its latency estimate fades",
+    );
+    let stopped = run.stopped.expect("p2c-ewma stopped sending to the slow backend");
+    assert!(stopped < Duration::from_secs(3), "p2c-ewma kept sending to it for {stopped:?}");
+    assert!(run.back < Duration::from_secs(8), "probed again {:?} after it was fast again", run.back);
+
+    // Round robin does not look at latency: every third request would wait 2 s. With a
+    // per-attempt response timeout the wait is cut and the request goes to another
+    // backend (GETs are idempotent); five timeouts in a row eject the backend.
+    let run = backend_fault(
+        Fault::Slow,
+        "{plugin: round-robin}",
+        "    timeouts: {response_header: 500ms}\n    passive: {consecutive_failures: 5, base_ejection: 1s}\n",
+    );
+    record_fault(
+        "the same",
+        "round-robin, `timeouts.response_header: 500ms`",
+        &run,
+        "no latency awareness: the 500 ms timeout cuts the wait and retries elsewhere; 5 timeouts in a row eject it (1 s, doubling), each return costs 5 requests 500 ms",
+    );
+    assert!(run.slowest_ms < 1_900.0, "a request waited {:.0} ms for the slow backend", run.slowest_ms);
+    assert!(run.retries > 0.0, "the timeouts were retried");
+    assert!(run.stopped.is_some(), "passive ejection took it out");
+    assert!(run.back < Duration::from_secs(8), "back {:?} after it was fast again", run.back);
 }

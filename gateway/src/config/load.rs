@@ -413,7 +413,9 @@ fn zero_timeouts(t: &super::Timeouts, at: &str) -> Result<(), Problem> {
 fn check_listener(l: &super::Listener, i: usize) -> Result<(), Problem> {
     let at = |f: &str| format!("listeners[{i}].{f}");
     let lim = &l.limits;
-    for (f, d) in [("header_timeout", lim.header_timeout), ("idle_timeout", lim.idle_timeout)] {
+    for (f, d) in
+        [("header_timeout", lim.header_timeout), ("idle_timeout", lim.idle_timeout), ("body_timeout", lim.body_timeout)]
+    {
         if d.is_zero() {
             return Err((
                 at(&format!("limits.{f}")),

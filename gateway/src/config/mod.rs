@@ -179,6 +179,12 @@ pub struct Limits {
     /// closed. Default 60s.
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Longest wait for the next piece of a request body once the gateway is ready to
+    /// read it (nginx's `client_body_timeout`): a stalled body is cut, the backend
+    /// connection closed, and the client gets `408` if no response has started. Not a
+    /// bound on the whole upload. Default 30s.
+    #[serde(default = "default_body_timeout", with = "humantime_serde")]
+    pub body_timeout: Duration,
     /// Connections served at once on this listener (all worker threads together); more
     /// wait in the kernel's accept backlog until one closes. Default 10000.
     #[serde(default = "default_max_connections")]
@@ -724,6 +730,9 @@ fn default_header_timeout() -> Duration {
 }
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(60)
+}
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_max_connections() -> usize {
     10_000

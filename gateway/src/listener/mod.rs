@@ -150,7 +150,7 @@ impl Listener {
     ) {
         let _slot = slot;
         let Some(acceptor) = &self.tls else {
-            let conn = Arc::new(Conn::new(ClientConn::new(peer), self.clone()));
+            let conn = Arc::new(Conn::new(ClientConn::new(peer, self.limits.body_timeout), self.clone()));
             return self.run(stream, conn, http, watcher, worker).await;
         };
         let stream = match tokio::time::timeout(self.limits.header_timeout, acceptor.accept(stream)).await {
@@ -166,7 +166,7 @@ impl Listener {
                 return;
             }
         };
-        let conn = Arc::new(Conn::new(ClientConn::new(peer).tls(), self.clone()));
+        let conn = Arc::new(Conn::new(ClientConn::new(peer, self.limits.body_timeout).tls(), self.clone()));
         if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
             conn.activity.h2.store(true, Relaxed);
         }

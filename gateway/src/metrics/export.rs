@@ -121,7 +121,7 @@ impl prometheus_client::collector::Collector for Scrape {
         counter(
             &mut enc,
             "generated_responses",
-            "Responses the gateway made itself instead of a backend, by reason: no_route (404), no_healthy_backend (503), backend_failed (502), backend_timeout (504), plugin_reject, bad_request (400/431 for malformed requests, 400 for an encoded slash in the path), body_too_large (413, the route's max_body_bytes), request_timeout (504, the route's total timeout), https_redirect (308 from a redirect listener), out_of_descriptors (503: the gateway could not open a backend connection for lack of file descriptors).",
+            "Responses the gateway made itself instead of a backend, by reason: no_route (404), no_healthy_backend (503), backend_failed (502), backend_timeout (504), plugin_reject, bad_request (400/431 for malformed requests, 400 for an encoded slash in the path), body_too_large (413, the route's max_body_bytes), request_timeout (504, the route's total timeout), https_redirect (308 from a redirect listener), out_of_descriptors (503: the gateway could not open a backend connection for lack of file descriptors), body_timeout (408: the request body stalled for longer than the listener's body_timeout).",
             &generated,
         )?;
 

@@ -192,11 +192,14 @@ pub enum Generated {
     /// The gateway could not open a backend connection: it is out of file descriptors
     /// (503). Not counted against the backend.
     OutOfDescriptors = 9,
+    /// The request body stalled for longer than the listener's `limits.body_timeout`
+    /// before a response started (408).
+    BodyTimeout = 10,
 }
 
 impl Generated {
     /// Label values, by discriminant.
-    pub const LABELS: [&'static str; 10] = [
+    pub const LABELS: [&'static str; 11] = [
         "no_route",
         "no_healthy_backend",
         "backend_failed",
@@ -207,6 +210,7 @@ impl Generated {
         "request_timeout",
         "https_redirect",
         "out_of_descriptors",
+        "body_timeout",
     ];
 }
 

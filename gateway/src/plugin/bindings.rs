@@ -390,21 +390,11 @@ impl gen_::gateway::selector::types::HostRequest for HostState {
     }
 
     fn cookie(&mut self, _: Resource<RequestRef>, name: String) -> Option<String> {
-        let r = self.req()?;
-        r.parts.headers.get_all(http::header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|line| {
-            line.split(';').find_map(|c| {
-                let (k, v) = c.trim().split_once('=')?;
-                (k == name).then(|| v.trim_matches('"').to_owned())
-            })
-        })
+        super::lookup::cookie(&self.req()?.parts.headers, &name)
     }
 
     fn query_param(&mut self, _: Resource<RequestRef>, name: String) -> Option<String> {
-        let query = self.req()?.parts.uri.query()?;
-        query.split('&').find_map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (k == name).then(|| v.to_owned())
-        })
+        super::lookup::query_param(self.req()?.parts.uri.query()?, &name).map(str::to_owned)
     }
 
     fn client_ip(&mut self, _: Resource<RequestRef>) -> String {

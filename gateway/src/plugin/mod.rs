@@ -11,6 +11,7 @@ mod builtin;
 mod cache;
 mod compile;
 mod instance;
+mod lookup;
 mod quarantine;
 mod setup;
 mod shared;

@@ -8,6 +8,7 @@ use hyper::body::Incoming;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 /// The body of a request sent to a backend.
 #[derive(Debug)]
@@ -21,15 +22,37 @@ pub enum RequestBody {
 /// The client's request body, shared by the attempts of one request. The first attempt
 /// that reads it takes it; an attempt that never read it (e.g. connect failed) leaves it
 /// for the next one. So a retry is possible exactly when no byte has been sent yet.
+///
+/// Two pointers: it travels with every attempt's request through the backend
+/// connection's channels, so it is kept small.
 #[derive(Debug, Clone)]
 pub struct Replayable {
-    slot: Arc<Mutex<Option<Incoming>>>,
+    shared: Arc<Shared>,
     /// Body bytes sent to a backend so far (for the access log).
     sent: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// What the attempts of one request share of its body.
+#[derive(Debug)]
+pub struct Shared {
+    slot: Mutex<Option<Incoming>>,
     /// The route's `max_body_bytes`: the stream is cut before a chunk that would pass it.
     limit: Option<u64>,
     /// The body passed `limit` (the client gets 413 if no response has started).
-    over: Arc<std::sync::atomic::AtomicBool>,
+    over: std::sync::atomic::AtomicBool,
+    /// The listener's `body_timeout`: the longest wait for the next piece of the body.
+    timeout: Duration,
+    /// The body stalled for `timeout` and was cut (the client gets 408 if no response
+    /// has started).
+    stalled: std::sync::atomic::AtomicBool,
+}
+
+impl std::ops::Deref for Replayable {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
 }
 
 /// The request body passed the route's `max_body_bytes`: the backend sees an aborted body.
@@ -40,13 +63,27 @@ pub struct TooLarge {
     pub limit: u64,
 }
 
+/// The client sent no piece of its request body for the listener's `body_timeout`: the
+/// backend sees an aborted body.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body stalled: nothing arrived for {0:?} (limits.body_timeout)")]
+pub struct Stalled(pub Duration);
+
 /// Errors of a body sent to a backend: the client's connection broke, or it sent too much.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Replayable {
-    /// Wraps the client's body; at most `limit` bytes of it are passed on.
-    pub fn new(body: Incoming, limit: Option<u64>) -> Self {
-        Replayable { slot: Arc::new(Mutex::new(Some(body))), sent: Arc::default(), limit, over: Arc::default() }
+    /// Wraps the client's body; at most `limit` bytes of it are passed on, and it is
+    /// cut when no piece of it arrives for `timeout`.
+    pub fn new(body: Incoming, limit: Option<u64>, timeout: Duration) -> Self {
+        let shared = Shared {
+            slot: Mutex::new(Some(body)),
+            limit,
+            over: Default::default(),
+            timeout,
+            stalled: Default::default(),
+        };
+        Replayable { shared: Arc::new(shared), sent: Arc::default() }
     }
 
     /// Whether no attempt has started reading the body.
@@ -66,9 +103,39 @@ pub struct AttemptBody {
     to: Option<std::sync::Arc<crate::pool::BackendEntry>>,
     /// The request's count of body bytes sent.
     sent: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// Fires when the client has sent nothing for `body_timeout` while the backend
+    /// waits for the body; made at the first wait (never for a body that is all there).
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A piece arrived since `stall` was last set.
+    moved: bool,
 }
 
 impl AttemptBody {
+    /// Called when the client has nothing to read: (re)arms the stall timer, or says the
+    /// body stalled when it fired. The timer is set afresh only after a piece arrived,
+    /// so it measures the wait since the body last moved. Out of line: most bodies are
+    /// all there when read.
+    #[inline(never)]
+    fn stalled(&mut self, cx: &mut Context<'_>) -> Option<Stalled> {
+        let shared = self.shared_ref.as_ref()?;
+        let deadline = tokio::time::Instant::now() + shared.timeout;
+        let stall = match &mut self.stall {
+            Some(s) => {
+                if self.moved {
+                    s.as_mut().reset(deadline);
+                }
+                s
+            }
+            None => self.stall.insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.moved = false;
+        if stall.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        shared.stalled.store(true, std::sync::atomic::Ordering::Relaxed);
+        Some(Stalled(shared.timeout))
+    }
+
     /// Counts a chunk against the limit: an error (and the flag set) when it would pass it.
     fn admit(&self, len: u64) -> Result<(), TooLarge> {
         let (Some(shared), Some(sent)) = (&self.shared_ref, &self.sent) else { return Ok(()) };
@@ -85,13 +152,23 @@ impl RequestBody {
     /// The body for one attempt, sent to `to`.
     pub fn attempt(&self, to: &std::sync::Arc<crate::pool::BackendEntry>) -> AttemptBody {
         match self {
-            RequestBody::Empty => AttemptBody { shared: None, shared_ref: None, taken: None, to: None, sent: None },
+            RequestBody::Empty => AttemptBody {
+                shared: None,
+                shared_ref: None,
+                taken: None,
+                to: None,
+                sent: None,
+                stall: None,
+                moved: false,
+            },
             RequestBody::Stream(r) => AttemptBody {
                 shared: Some(r.clone()),
                 shared_ref: Some(r.clone()),
                 taken: None,
                 to: Some(to.clone()),
                 sent: Some(r.sent.clone()),
+                stall: None,
+                moved: false,
             },
         }
     }
@@ -109,6 +186,14 @@ impl RequestBody {
         match self {
             RequestBody::Empty => false,
             RequestBody::Stream(r) => r.over.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// Whether the body stalled for longer than `body_timeout` and was cut.
+    pub fn stalled(&self) -> bool {
+        match self {
+            RequestBody::Empty => false,
+            RequestBody::Stream(r) => r.stalled.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -137,6 +222,16 @@ impl Body for AttemptBody {
             }
         }
         let polled = Pin::new(this.taken.as_mut().expect("set above")).poll_frame(cx);
+        if polled.is_pending() {
+            if let Some(e) = this.stalled(cx) {
+                // Stop reading the client; the backend sees the body end in an error,
+                // which closes its connection.
+                this.taken = None;
+                return Poll::Ready(Some(Err(e.into())));
+            }
+        } else {
+            this.moved = true;
+        }
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
             && let Err(e) = this.admit(data.len() as u64)

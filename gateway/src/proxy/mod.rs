@@ -41,12 +41,15 @@ pub struct ClientConn {
     ip: http::HeaderValue,
     /// It came over TLS (`X-Forwarded-Proto: https`).
     pub https: bool,
+    /// The listener's `limits.body_timeout`.
+    body_timeout: Duration,
 }
 
 impl ClientConn {
-    /// Describes the (plaintext) connection from `peer`.
-    pub fn new(peer: SocketAddr) -> Self {
-        ClientConn { peer, ip: headers::ip_value(peer.ip()), https: false }
+    /// Describes the (plaintext) connection from `peer`; request bodies that stall for
+    /// `body_timeout` are cut.
+    pub fn new(peer: SocketAddr, body_timeout: Duration) -> Self {
+        ClientConn { peer, ip: headers::ip_value(peer.ip()), https: false, body_timeout }
     }
 
     /// The same, for a connection that came over TLS.
@@ -257,7 +260,7 @@ impl Proxy {
         let body = if incoming.is_end_stream() {
             RequestBody::Empty
         } else {
-            RequestBody::Stream(Replayable::new(incoming, max_body_bytes))
+            RequestBody::Stream(Replayable::new(incoming, max_body_bytes, conn.body_timeout))
         };
         outcome.bytes_in = body.sent();
         let idempotent = is_idempotent(&parts.method);
@@ -351,6 +354,11 @@ impl Proxy {
             } else {
                 exchange.await
             };
+            if body.stalled() {
+                // The client stopped sending its body: its doing, not the backend's
+                // (whose connection was closed with the aborted body); no retry.
+                return body_timeout(outcome, conn.body_timeout);
+            }
             if body.too_large() {
                 // The client sent more than the route allows: its doing, not the backend's
                 // (which saw the body cut off); no retry, no passive-health failure.
@@ -579,6 +587,21 @@ fn too_large(limit: u64) -> Response<ResponseBody> {
     let mut resp = plain(
         StatusCode::PAYLOAD_TOO_LARGE,
         format!("payload too large: this route accepts request bodies up to {limit} bytes\n"),
+    );
+    resp.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    resp
+}
+
+/// `408`: the request body stalled for `timeout`. The connection is closed, since the
+/// rest of the body was not read. Out of line: `forward` is the hot path.
+#[cold]
+#[inline(never)]
+fn body_timeout(outcome: &mut Outcome, timeout: Duration) -> Response<ResponseBody> {
+    outcome.generated = Some(Generated::BodyTimeout);
+    outcome.error = Some(format!("the request body stalled for {timeout:?} (limits.body_timeout)"));
+    let mut resp = plain(
+        StatusCode::REQUEST_TIMEOUT,
+        format!("request timeout: no part of the request body arrived for {} s\n", timeout.as_secs_f64()),
     );
     resp.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
     resp

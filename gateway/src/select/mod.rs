@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 /// Response headers a plugin may not set: they belong to the HTTP framing of the
-/// connection, not to the response.
-const FORBIDDEN: [&str; 9] = [
+/// connection, not to the response. The hop-by-hop ones are those the proxy strips from a
+/// backend's response (`proxy/headers.rs`).
+const FORBIDDEN: [&str; 11] = [
     "content-length",
     "transfer-encoding",
     "connection",
@@ -21,6 +22,8 @@ const FORBIDDEN: [&str; 9] = [
     "trailer",
     "upgrade",
     "host",
+    "proxy-authenticate",
+    "proxy-authorization",
 ];
 
 /// `headers` without the [`FORBIDDEN`] ones, and how many were dropped.

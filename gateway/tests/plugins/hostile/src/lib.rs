@@ -2,7 +2,9 @@
 //! - `{"in": "headers"}`: every `pick` adds 10,000 response headers;
 //! - `{"in": "reject-body"}`: every `pick` rejects with a 100 MB body;
 //! - `{"in": "kv-bomb"}`: every `pick` writes 1,000 new keys of 1 KiB each (forever);
-//! - `{"in": "counter-bomb"}`: every `pick` makes 1,000 new counters.
+//! - `{"in": "counter-bomb"}`: every `pick` makes 1,000 new counters;
+//! - `{"in": "answer"}`: every `pick` answers what the request's `x-answer` header
+//!   spells (hex; see [`answer`]), valid or not: the answer fuzzer's plugin.
 //!
 //! Between its bombs it answers like a round robin, so a request it does answer is
 //! served.
@@ -21,6 +23,7 @@ enum Mode {
     RejectBody,
     KvBomb,
     CounterBomb,
+    Answer,
 }
 
 impl Strategy for Hostile {
@@ -31,6 +34,8 @@ impl Strategy for Hostile {
             Mode::KvBomb
         } else if params.contains("\"counter-bomb\"") {
             Mode::CounterBomb
+        } else if params.contains("\"answer\"") {
+            Mode::Answer
         } else {
             Mode::Headers
         };
@@ -41,10 +46,13 @@ impl Strategy for Hostile {
         self.pool = Pool::new(backends);
     }
 
-    fn pick(&mut self, _req: &dyn Request, exclude: &[u32]) -> Decision {
+    fn pick(&mut self, req: &dyn Request, exclude: &[u32]) -> Decision {
         let turn = host::counter_add("turn", 1) as u64;
         let next = || self.pool.healthy_nth(turn, exclude).map_or_else(Decision::no_backend, Decision::backend);
         match self.mode {
+            Mode::Answer => {
+                req.header("x-answer").and_then(|hex| answer(&hex)).unwrap_or_else(|| Decision::reject(599, ""))
+            }
             Mode::Headers => {
                 let mut d = next();
                 for i in 0..10_000 {
@@ -68,6 +76,37 @@ impl Strategy for Hostile {
             }
         }
     }
+}
+
+/// The decision that `hex` spells: its bytes are a kind (0: backend, 1: reject), a u32
+/// (the backend index, or the status, which is cut to u16), a u32 reject body length (the
+/// body is that many `r`s), a u16 header count, then for each header a u16 name length,
+/// the name, a u16 value length and the value (UTF-8). Integers are little-endian.
+fn answer(hex: &str) -> Option<Decision> {
+    let bytes: Vec<u8> =
+        (0..hex.len() / 2).map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()).collect::<Option<_>>()?;
+    let mut at = 0;
+    let mut take = |n: usize| {
+        let b = bytes.get(at..at + n)?;
+        at += n;
+        Some(b)
+    };
+    let kind = take(1)?[0];
+    let number = u32::from_le_bytes(take(4)?.try_into().ok()?);
+    let body = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+    let mut d = match kind {
+        0 => Decision::backend(number),
+        _ => Decision::reject(number as u16, "r".repeat(body)),
+    };
+    let count = u16::from_le_bytes(take(2)?.try_into().ok()?);
+    for _ in 0..count {
+        let n = u16::from_le_bytes(take(2)?.try_into().ok()?) as usize;
+        let name = String::from_utf8(take(n)?.to_vec()).ok()?;
+        let n = u16::from_le_bytes(take(2)?.try_into().ok()?) as usize;
+        let value = String::from_utf8(take(n)?.to_vec()).ok()?;
+        d = d.with_header(name, value);
+    }
+    Some(d)
 }
 
 gateway_sdk::export_strategy!(Hostile);
