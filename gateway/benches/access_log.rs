@@ -33,6 +33,8 @@ fn record(c: &mut Criterion) {
         duration: Duration::from_micros(1_234),
         reason: None,
         error: None,
+        plugin: Some("round-robin"),
+        decision_reason: None,
     };
     let mut group = c.benchmark_group("access_log");
     group.throughput(Throughput::Elements(1));

@@ -108,7 +108,7 @@ fn pick(
     case: &str,
 ) -> Option<(usize, Vec<(String, String)>)> {
     match sel.choose(req, ip, snap, exclude) {
-        Choice::Backend { index, response_headers, fallback: false } => Some((index, response_headers)),
+        Choice::Backend { index, response_headers, fallback: false, .. } => Some((index, response_headers)),
         // The SDK's `Decision::no_backend()`: its text comes back through `set-reject-body`.
         Choice::Reject { status: 503, text, .. } if text == "no healthy backend available" => None,
         Choice::NoBackend => None,

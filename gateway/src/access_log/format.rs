@@ -46,6 +46,11 @@ pub struct Entry<'a> {
     /// The failure behind a gateway-made 502/504 (backend, address, OS error), which the
     /// client's body leaves out. Written only when there is one.
     pub error: Option<&'a str>,
+    /// The plugin that decided (of a chain: the step that did); none when the native
+    /// round robin chose or no plugin was asked.
+    pub plugin: Option<&'a str>,
+    /// Why it decided (`request.set-reason`), or why the round robin did.
+    pub decision_reason: Option<&'a str>,
 }
 
 /// A route's `route`, `upstream` and `strategy` fields, rendered (and escaped) for both
@@ -305,6 +310,10 @@ pub(super) fn write_json(out: &mut Vec<u8>, clock: &mut Clock, e: &Entry<'_>) {
     write_ms(out, e.duration);
     out.extend_from_slice(b",\"reason\":");
     json_opt_str(out, e.reason);
+    out.extend_from_slice(b",\"plugin\":");
+    json_opt_str(out, e.plugin);
+    out.extend_from_slice(b",\"decision_reason\":");
+    json_opt_str(out, e.decision_reason);
     if let Some(error) = e.error {
         out.extend_from_slice(b",\"error\":");
         json_str(out, error);
@@ -361,6 +370,8 @@ pub(super) fn write_text(out: &mut Vec<u8>, clock: &mut Clock, e: &Entry<'_>) {
     out.extend_from_slice(b" trace_id=");
     out.extend_from_slice(e.trace_id.unwrap_or(b"-"));
     text_field(out, b" reason=", e.reason.unwrap_or("-"));
+    text_field(out, b" plugin=", e.plugin.unwrap_or("-"));
+    text_field(out, b" decision_reason=", e.decision_reason.unwrap_or("-"));
     if let Some(error) = e.error {
         text_field(out, b" error=", error);
     }
@@ -392,6 +403,8 @@ pub(super) fn sample_entry(method: &http::Method) -> Entry<'_> {
         duration: Duration::from_micros(1_234),
         reason: None,
         error: None,
+        plugin: Some("round-robin"),
+        decision_reason: None,
     }
 }
 
@@ -457,6 +470,8 @@ mod tests {
             "bytes_out": 512,
             "duration_ms": 1.234,
             "reason": null,
+            "plugin": "round-robin",
+            "decision_reason": null,
         });
         assert_eq!(v, expected);
         let reason =
@@ -513,7 +528,8 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "203.0.113.7 [2025-01-31T12:34:56.789Z] \"GET /book/dune?user=42\" 200 512 host=shop.example \
              route=default upstream=web strategy=round-robin backend=b1 attempts=1 fallback=false bytes_in=0 \
-             duration_ms=1.234 request_id=4f1c2a9e0b7d3e61 trace_id=4bf92f3577b34da6a3ce929d0e0e4736 reason=-\n"
+             duration_ms=1.234 request_id=4f1c2a9e0b7d3e61 trace_id=4bf92f3577b34da6a3ce929d0e0e4736 reason=- plugin=round-robin \
+             decision_reason=-\n"
         );
         let mut out = Vec::new();
         let names = Names::new("", "web", "round-robin");

@@ -9,6 +9,10 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// Request id, generated when the client sent none.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// A client asking how its request was routed (`1`); never forwarded.
+pub const X_GATEWAY_DEBUG: HeaderName = HeaderName::from_static("x-gateway-debug");
+/// The answer to [`X_GATEWAY_DEBUG`]: `upstream=...; plugin=...; backend=...; reason=...`.
+pub const X_GATEWAY_DECISION: HeaderName = HeaderName::from_static("x-gateway-decision");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -122,7 +126,7 @@ pub fn for_backend(client: &HeaderMap, fwd: &Forwarding<'_>, fallback_host: impl
             joined.extend_from_slice(value.as_bytes());
             continue;
         }
-        if name == TRACEPARENT {
+        if name == TRACEPARENT || name == X_GATEWAY_DEBUG {
             continue;
         }
         if name == header::HOST && out.contains_key(header::HOST) {
