@@ -100,7 +100,10 @@ impl Gateway {
         metrics::set_enabled(config.metrics.enabled);
         metrics::set_workers(config.worker_threads());
         let plugins = PluginHost::new(&config.plugins)?;
-        let view = build_view(&config, 1, &plugins, None)?;
+        let view = build_view(&config, 1, &plugins, None).map_err(|e| match &path {
+            Some(p) => anyhow::anyhow!(located(p, &config, e)),
+            None => e,
+        })?;
         let (reporter, receiver) = Reporter::new();
         let access_log = match config.access_log.enabled {
             true => Some(crate::access_log::AccessLog::new(&config.access_log).map_err(|e| {
