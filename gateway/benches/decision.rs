@@ -3,8 +3,8 @@
 //! 10,000 backends. Target: ≤ 1 µs (≤ 2 µs for consistent-hash and sticky-cookie),
 //! flat in pool size.
 //!
-//! Chains: a single `round-robin` beside a 3-step chain (`sticky-cookie` > `consistent-hash`
-//! > `round-robin`, the first two with `on_miss: pass`) where the first step decides and
+//! Chains: a single `round-robin` beside a 3-step chain (`sticky-cookie`, `consistent-hash`,
+//! `round-robin`, the first two with `on_miss: pass`) where the first step decides and
 //! where the last one does (two passes first): a chain costs one plugin call per step taken.
 //!
 //! `cargo bench -p gateway --bench decision` (add `-- round-robin` or `-- chain` to filter).

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 mod format;
 
 use format::{Clock, write_json, write_text};
-pub use format::{Entry, Names};
+pub use format::{Entry, Names, PluginName};
 
 /// A thread's buffer is handed to the writer once it holds this much.
 const BATCH: usize = 32 * 1024;

@@ -127,7 +127,7 @@ pub struct CurrentRequest {
     pub response_header_bytes: usize,
     /// Set by `request.set-reject-body`.
     pub reject_body: Option<String>,
-    /// Set by `request.set-reason` (inline: nothing is allocated for it).
+    /// Set by `request.set-reason` (nothing is allocated unless it is).
     pub reason: Option<Reason>,
 }
 

@@ -1,17 +1,14 @@
-//! The short text a plugin may attach to a decision (`request.set-reason`), held inline
-//! so a decision with a reason allocates nothing and one without costs a byte.
+//! The short text a plugin may attach to a decision (`request.set-reason`). A decision
+//! without one carries a null pointer: nothing is allocated or copied for it.
 
 use std::fmt;
 
 /// Bytes of a reason kept; longer text is cut at a character boundary.
 pub const MAX_DECISION_REASON_BYTES: usize = 128;
 
-/// A decision's reason: at most [`MAX_DECISION_REASON_BYTES`] of UTF-8, inline.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct Reason {
-    len: u8,
-    bytes: [u8; MAX_DECISION_REASON_BYTES],
-}
+/// A decision's reason: at most [`MAX_DECISION_REASON_BYTES`] of UTF-8.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Reason(Box<str>);
 
 impl Reason {
     /// `text`, cut to [`MAX_DECISION_REASON_BYTES`] at a character boundary.
@@ -20,15 +17,12 @@ impl Reason {
         while !text.is_char_boundary(end) {
             end -= 1;
         }
-        let mut bytes = [0; MAX_DECISION_REASON_BYTES];
-        bytes[..end].copy_from_slice(&text.as_bytes()[..end]);
-        Reason { len: end as u8, bytes }
+        Reason(text[..end].into())
     }
 
     /// The text.
     pub fn as_str(&self) -> &str {
-        // Only ever filled from a `&str` cut at a character boundary.
-        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+        &self.0
     }
 }
 

@@ -101,6 +101,12 @@ pub struct Forwarding<'a> {
     pub https: bool,
 }
 
+/// The headers a backend gets (tests: [`for_backend_noting_debug`] without the flag).
+#[cfg(test)]
+pub fn for_backend(client: &HeaderMap, fwd: &Forwarding<'_>, fallback_host: impl FnOnce() -> HeaderValue) -> HeaderMap {
+    for_backend_noting_debug(client, fwd, fallback_host).0
+}
+
 /// The headers a backend gets, built in one pass over the client's: hop-by-hop headers
 /// (and those `Connection` names) left out, `X-Forwarded-For` extended, `-Proto`,
 /// `-Host` and `X-Request-Id` added, `traceparent` set to the gateway's span (`tracestate`
@@ -108,7 +114,15 @@ pub struct Forwarding<'a> {
 /// (last resort: `fallback_host`, the backend's own address, for an HTTP/1.0 client that
 /// sent none). The client's map is left as it came,
 /// so a retry builds its own copy.
-pub fn for_backend(client: &HeaderMap, fwd: &Forwarding<'_>, fallback_host: impl FnOnce() -> HeaderValue) -> HeaderMap {
+///
+/// Also says whether the client sent `X-Gateway-Debug: 1` (which is never forwarded):
+/// noticed while the headers are copied, so asking costs no lookup of its own.
+pub fn for_backend_noting_debug(
+    client: &HeaderMap,
+    fwd: &Forwarding<'_>,
+    fallback_host: impl FnOnce() -> HeaderValue,
+) -> (HeaderMap, bool) {
+    let mut debug = false;
     let mut out = HeaderMap::with_capacity(client.keys_len() + 6);
     let listed = if client.contains_key(header::CONNECTION) { connection_listed(client) } else { Vec::new() };
     let mut earlier_xff: Option<Vec<u8>> = None;
@@ -126,7 +140,11 @@ pub fn for_backend(client: &HeaderMap, fwd: &Forwarding<'_>, fallback_host: impl
             joined.extend_from_slice(value.as_bytes());
             continue;
         }
-        if name == TRACEPARENT || name == X_GATEWAY_DEBUG {
+        if name == TRACEPARENT {
+            continue;
+        }
+        if name == X_GATEWAY_DEBUG {
+            debug |= value.as_bytes() == b"1";
             continue;
         }
         if name == header::HOST && out.contains_key(header::HOST) {
@@ -175,7 +193,7 @@ pub fn for_backend(client: &HeaderMap, fwd: &Forwarding<'_>, fallback_host: impl
     if let Some(protocol) = fwd.upgrade {
         set_upgrade(&mut out, protocol.clone());
     }
-    out
+    (out, debug)
 }
 
 /// The extra header names a `Connection` header lists (usually none: it says only

@@ -49,7 +49,7 @@ impl Pending {
             .or_else(|| self.host.as_ref().and_then(|h| std::str::from_utf8(h.as_bytes()).ok()))
             .unwrap_or("-");
         let plugin = match (&self.why, route) {
-            (Some(crate::select::Why::Step { step, .. }), Some(r)) => Some(r.upstream.selector.step_name(*step)),
+            (Some(crate::select::Why::Step { step, .. }), Some(r)) => r.upstream.selector.step_log_name(*step),
             _ => None,
         };
         self.log.record(&Entry {

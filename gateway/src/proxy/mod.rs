@@ -85,7 +85,8 @@ struct Outcome {
     /// Which step of the strategy decided, and why (the last attempt's decision).
     why: Option<Why>,
     /// The client asked `X-Gateway-Debug: 1` and may: the backend that served goes
-    /// here (the only allocation the debug header costs, and only then).
+    /// here (the only allocation the debug header costs, and only then). Noticed while
+    /// the headers are copied for the backend (or, for a rejection, looked up then).
     debug: Option<Option<String>>,
 }
 
@@ -115,8 +116,6 @@ impl Proxy {
         let (method, uri) = (req.method().clone(), req.uri().clone());
         let host_header = self.access_log.as_ref().and_then(|_| req.headers().get(header::HOST).cloned());
         let grpc = grpc::is_call(req.version(), req.headers());
-        let debug = req.headers().get(headers::X_GATEWAY_DEBUG).is_some_and(|v| v.as_bytes() == b"1")
-            && self.may_debug(req.headers(), conn);
         let mut outcome = Outcome {
             attempts: 0,
             fallback: false,
@@ -125,7 +124,7 @@ impl Proxy {
             bytes_in: None,
             error: None,
             why: None,
-            debug: debug.then_some(None),
+            debug: None,
         };
         // Routed and forwarded with dot-segments removed; encoded slashes are refused.
         let normal = crate::router::normalize_path(uri.path()).map(|p| match p {
@@ -299,9 +298,6 @@ impl Proxy {
                 Choice::Backend { index, response_headers, fallback, why } => {
                     outcome.fallback |= fallback;
                     outcome.why = Some(why);
-                    if let Some(backend) = &mut outcome.debug {
-                        *backend = Some(pool.members[index].entry.id.clone());
-                    }
                     (index, response_headers)
                 }
                 // On a retry a rejection means "nothing left to try" (the SDK's
@@ -310,6 +306,11 @@ impl Proxy {
                 Choice::Reject { .. } if last_error.is_some() => break,
                 Choice::Reject { status, text, response_headers, why } => {
                     outcome.why = Some(why);
+                    if parts.headers.get(headers::X_GATEWAY_DEBUG).is_some_and(|v| v.as_bytes() == b"1")
+                        && self.may_debug(&parts.headers, conn)
+                    {
+                        outcome.debug = Some(None);
+                    }
                     let mut resp = plain(StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), text);
                     add_headers(resp.headers_mut(), response_headers);
                     outcome.generated = Some(Generated::PluginReject);
@@ -332,9 +333,13 @@ impl Proxy {
             let mut attempt = Request::new(body.attempt(entry));
             *attempt.method_mut() = parts.method.clone();
             *attempt.uri_mut() = target.clone();
-            *attempt.headers_mut() = headers::for_backend(&parts.headers, &forwarding, || {
+            let (forwarded, debug) = headers::for_backend_noting_debug(&parts.headers, &forwarding, || {
                 header::HeaderValue::from_str(entry.authority.as_str()).expect("valid authority")
             });
+            *attempt.headers_mut() = forwarded;
+            if debug && self.may_debug(&parts.headers, conn) {
+                outcome.debug = Some(Some(entry.id.clone()));
+            }
 
             let guard = BackendStats::start(entry);
             let sent = Instant::now();

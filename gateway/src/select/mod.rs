@@ -2,6 +2,7 @@
 //! does not pass), with a native round robin as the fallback when a plugin fails (trap,
 //! timeout, bad answer) or every step passes.
 
+use crate::access_log::PluginName;
 use crate::metrics::{Counter, DECISION_SAMPLE, PerWorker, UpstreamMetrics};
 use crate::plugin::{Binding, PickErrorKind, Reason, Target};
 use crate::pool::PoolSnapshot;
@@ -34,7 +35,7 @@ fn without_framing(mut headers: Vec<(String, String)>) -> (Vec<(String, String)>
 
 /// Who chose a request's backend (or answered it), and why: for the access log and the
 /// `X-Gateway-Decision` header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Why {
     /// The plugin of this step of the chain decided (0 for a single strategy), with the
     /// reason it gave, if any.
@@ -98,6 +99,8 @@ struct Step {
     binding: Arc<Binding>,
     /// Plugin name, as the config gives it.
     name: String,
+    /// The same, rendered for the access log.
+    log_name: PluginName,
     /// Per worker: requests asked of this step (chains only: a single strategy's are
     /// the upstream's decisions) and passes.
     shards: PerWorker<StepShard>,
@@ -159,7 +162,12 @@ impl Selector {
         Selector {
             steps: steps
                 .into_iter()
-                .map(|(name, binding)| Step { binding, name, shards: PerWorker::default() })
+                .map(|(name, binding)| Step {
+                    binding,
+                    log_name: PluginName::new(&name),
+                    name,
+                    shards: PerWorker::default(),
+                })
                 .collect(),
             name,
             metrics,
@@ -182,6 +190,11 @@ impl Selector {
     /// The plugin name of step `step` (as configured).
     pub fn step_name(&self, step: u8) -> &str {
         self.steps.get(usize::from(step)).map_or("-", |s| s.name.as_str())
+    }
+
+    /// The plugin name of step `step`, rendered for the access log.
+    pub fn step_log_name(&self, step: u8) -> Option<&PluginName> {
+        self.steps.get(usize::from(step)).map(|s| &s.log_name)
     }
 
     /// The steps with their counters.
