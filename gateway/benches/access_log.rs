@@ -8,13 +8,14 @@
 //! each case also prints the CPU time its thread spent per line (`/proc/thread-self/schedstat`).
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use gateway::access_log::{AccessLog, Entry, Names};
+use gateway::access_log::{AccessLog, Entry, Names, PluginName};
 use gateway::config::{self, LogFormat};
 use std::time::{Duration, SystemTime};
 
 fn record(c: &mut Criterion) {
     let method = http::Method::GET;
     let names = Names::new("default", "web", "round-robin");
+    let plugin = PluginName::new("round-robin");
     let entry = Entry {
         time: SystemTime::now(),
         request_id: b"4f1c2a9e0b7d3e61",
@@ -33,6 +34,8 @@ fn record(c: &mut Criterion) {
         duration: Duration::from_micros(1_234),
         reason: None,
         error: None,
+        plugin: Some(&plugin),
+        decision_reason: None,
     };
     let mut group = c.benchmark_group("access_log");
     group.throughput(Throughput::Elements(1));

@@ -3,13 +3,17 @@
 //! 10,000 backends. Target: ≤ 1 µs (≤ 2 µs for consistent-hash and sticky-cookie),
 //! flat in pool size.
 //!
-//! `cargo bench -p gateway --bench decision` (add `-- round-robin` to filter).
+//! Chains: a single `round-robin` beside a 3-step chain (`sticky-cookie`, `consistent-hash`,
+//! `round-robin`, the first two with `on_miss: pass`) where the first step decides and
+//! where the last one does (two passes first): a chain costs one plugin call per step taken.
+//!
+//! `cargo bench -p gateway --bench decision` (add `-- round-robin` or `-- chain` to filter).
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use gateway::config;
 use gateway::plugin::{self, PluginHost};
 use gateway::pool::{BackendEntry, Member, Pool, Source, Status};
-use gateway::select::{Choice, Selector};
+use gateway::select::{Choice, Selector, Why};
 use std::hint::black_box;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -66,12 +70,58 @@ fn decisions(c: &mut Criterion) {
     }
 }
 
+fn chains(c: &mut Criterion) {
+    let host = PluginHost::new(&config::Plugins::default()).expect("engine");
+    let client: IpAddr = "203.0.113.7".parse().unwrap();
+    let pool = pool(3);
+    let snap = pool.snapshot();
+    let step = |i: usize, name: &str, params: serde_json::Value| {
+        let compiled = host.resolve(name).expect("built-in compiles");
+        let binding = host.bind_step("bench-chain", i, compiled, &params).expect("configure");
+        binding.warm(&snap).expect("warm");
+        (name.to_owned(), binding)
+    };
+    let chain = Selector::chain(
+        vec![
+            step(0, "sticky-cookie", serde_json::json!({ "on_miss": "pass" })),
+            step(1, "consistent-hash", serde_json::json!({ "key": "header:x-user", "on_miss": "pass" })),
+            step(2, "round-robin", serde_json::json!({})),
+        ],
+        Arc::default(),
+    );
+    let single = Selector::with_metrics(step(0, "round-robin", serde_json::json!({})).1, Arc::default());
+    let request = |cookie: Option<&str>| {
+        let mut b =
+            http::Request::get("/book/dune?user=42").header("host", "shop.example").header("user-agent", "bench");
+        if let Some(c) = cookie {
+            b = b.header("cookie", c);
+        }
+        b.body(()).unwrap().into_parts().0
+    };
+    let mut group = c.benchmark_group("chain");
+    group.throughput(Throughput::Elements(1));
+    let cases: [(&str, &Selector, Option<&str>, u8); 3] = [
+        ("single-round-robin", &single, None, 0),
+        ("3-steps-first-decides", &chain, Some("lb=b1"), 0),
+        ("3-steps-last-decides", &chain, None, 2),
+    ];
+    for (name, selector, cookie, step) in cases {
+        let mut parts = request(cookie);
+        match selector.choose(&mut parts, client, &snap, &[]) {
+            Choice::Backend { fallback: false, why: Why::Step { step: s, .. }, .. } => assert_eq!(s, step, "{name}"),
+            other => panic!("{name}: {other:?}"),
+        }
+        group.bench_function(name, |b| b.iter(|| black_box(selector.choose(&mut parts, client, &snap, &[]))));
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(std::time::Duration::from_millis(500))
         .measurement_time(std::time::Duration::from_secs(2))
         .sample_size(30);
-    targets = decisions
+    targets = decisions, chains
 }
 criterion_main!(benches);

@@ -385,9 +385,9 @@ impl RunArgs {
         let backends = self.backends.iter().map(|s| parse_backend(s)).collect::<Result<Vec<_>, _>>()?;
         let mut upstream = Upstream::with_backends(backends);
         if let Some(s) = &self.strategy {
-            upstream.strategy.plugin = s.clone();
+            upstream.strategy.first_mut().plugin = s.clone();
         }
-        upstream.strategy.params = parse_params(&self.params)?;
+        upstream.strategy.first_mut().params = parse_params(&self.params)?;
         upstream.health_check.path = self.health_path.clone();
         let mut config = Config::single(SocketAddr::from(([127, 0, 0, 1], 8080)), upstream);
         self.apply_overrides(&mut config)?;
@@ -530,8 +530,8 @@ mod tests {
         assert_eq!(c.listeners[0].address, "127.0.0.1:9000".parse().unwrap());
         let up = &c.upstreams["default"];
         assert_eq!(up.backends.len(), 2);
-        assert_eq!(up.strategy.plugin, "round-robin");
-        assert_eq!(up.strategy.params["n"], 3);
+        assert_eq!(up.strategy.first().plugin, "round-robin");
+        assert_eq!(up.strategy.first().params["n"], 3);
         let c = Cli::parse_from(["gateway", "--listen", "0.0.0.0", "-b", "127.0.0.1:1"]).run.to_config().unwrap();
         assert_eq!(c.listeners[0].address, "0.0.0.0:8080".parse().unwrap());
     }

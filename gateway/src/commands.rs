@@ -70,10 +70,16 @@ pub fn config_check(file: &Path) -> anyhow::Result<ExitCode> {
     // compiled cache is used, so a plugin compiled before is checked quickly.
     let host = PluginHost::new(&config.plugins)?;
     for (name, up) in &config.upstreams {
-        let checked = host.resolve(&up.strategy.plugin).and_then(|p| host.bind(name, p, &up.strategy.params));
-        if let Err(e) = checked {
-            eprintln!("invalid: {}: upstreams.{name}.strategy: {e}", file.display());
-            return Ok(ExitCode::FAILURE);
+        for (step, s) in up.strategy.steps().iter().enumerate() {
+            let checked = host.resolve(&s.plugin).and_then(|p| host.bind_step(name, step, p, &s.params));
+            if let Err(e) = checked {
+                let field = match up.strategy.is_chain() {
+                    true => format!("upstreams.{name}.strategy[{step}]"),
+                    false => format!("upstreams.{name}.strategy"),
+                };
+                eprintln!("invalid: {}: {field}: {e}", file.display());
+                return Ok(ExitCode::FAILURE);
+            }
         }
     }
     if let Some(addr) = config.admin.address

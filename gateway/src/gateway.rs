@@ -100,7 +100,10 @@ impl Gateway {
         metrics::set_enabled(config.metrics.enabled);
         metrics::set_workers(config.worker_threads());
         let plugins = PluginHost::new(&config.plugins)?;
-        let view = build_view(&config, 1, &plugins, None)?;
+        let view = build_view(&config, 1, &plugins, None).map_err(|e| match &path {
+            Some(p) => anyhow::anyhow!(located(p, &config, e)),
+            None => e,
+        })?;
         let (reporter, receiver) = Reporter::new();
         let access_log = match config.access_log.enabled {
             true => Some(crate::access_log::AccessLog::new(&config.access_log).map_err(|e| {
@@ -109,7 +112,13 @@ impl Gateway {
             })?),
             false => None,
         };
-        let proxy = Proxy { view: ArcSwap::from_pointee(view), reporter, access_log };
+        // The admin token also lets a client ask how its request was routed
+        // (`X-Gateway-Debug: 1`) from a non-loopback address.
+        let debug_token = match &config.admin.token_file {
+            Some(path) => Some(crate::admin::auth::read_token(path)?.into_boxed_slice()),
+            None => None,
+        };
+        let proxy = Proxy { view: ArcSwap::from_pointee(view), reporter, access_log, debug_token };
         metrics::control().last_reload_success_ms.store(metrics::now_ms(), std::sync::atomic::Ordering::Relaxed);
         let now = SystemTime::now();
         let file_config = path.as_deref().and_then(|p| config::load(p).ok());
@@ -246,9 +255,14 @@ impl Gateway {
 fn located(path: &std::path::Path, config: &Config, e: anyhow::Error) -> String {
     use crate::upstream::BuildError;
     let (name, field, needle) = match e.downcast_ref::<BuildError>() {
-        Some(BuildError::Plugin { upstream, .. }) => {
-            let plugin = config.upstreams.get(upstream).map(|u| u.strategy.plugin.clone()).unwrap_or_default();
-            (upstream, format!("upstreams.{upstream}.strategy"), plugin)
+        Some(BuildError::Plugin { upstream, step, .. }) => {
+            let chain = config.upstreams.get(upstream).map(|u| &u.strategy);
+            let plugin = chain.and_then(|c| c.steps().get(step.unwrap_or(0))).map(|s| s.plugin.clone());
+            let field = match step {
+                Some(i) => format!("upstreams.{upstream}.strategy[{i}]"),
+                None => format!("upstreams.{upstream}.strategy"),
+            };
+            (upstream, field, plugin.unwrap_or_default())
         }
         Some(BuildError::Resolve { upstream, address, .. }) => {
             (upstream, format!("upstreams.{upstream}.backends"), address.clone())

@@ -675,6 +675,7 @@ pub fn smoke(binding: &Arc<crate::plugin::Binding>, pool: Option<&Path>) -> Resu
             format!("backend {}{down}", m.entry.id)
         }
         crate::plugin::Target::Reject(status, body) => format!("reject {status} {body:?}"),
+        crate::plugin::Target::Pass => "pass (the next step of a chain, or the round robin, decides)".to_owned(),
     };
     let mut first = None;
     for (n, (method, path, client, headers)) in SMOKE_REQUESTS.iter().enumerate() {

@@ -48,11 +48,7 @@ impl Router {
             .map(|(i, r)| (r.name.clone().unwrap_or_else(|| format!("route-{i}")), r))
             .map(|(name, r)| Route {
                 metrics: crate::metrics::control().route(&name),
-                log_names: crate::access_log::Names::new(
-                    &name,
-                    &r.upstream,
-                    &upstreams[&r.upstream].config.strategy.plugin,
-                ),
+                log_names: crate::access_log::Names::new(&name, &r.upstream, upstreams[&r.upstream].selector.name()),
                 name,
                 host: match r.host.as_deref() {
                     None | Some("*") => HostMatch::Any,

@@ -84,7 +84,11 @@ pub fn run(
     };
     for up in &gw.view().upstreams {
         let plugin = up.selector.binding().plugin();
-        tracing::info!(upstream = %up.name, backends = up.pool.load().members.len(), plugin = %plugin.name, origin = %plugin.origin, "upstream ready");
+        if up.selector.is_chain() {
+            tracing::info!(upstream = %up.name, backends = up.pool.load().members.len(), strategy = %up.selector.name(), "upstream ready");
+        } else {
+            tracing::info!(upstream = %up.name, backends = up.pool.load().members.len(), plugin = %plugin.name, origin = %plugin.origin, "upstream ready");
+        }
     }
 
     let grace = gw.config.shutdown_grace;
@@ -198,8 +202,10 @@ fn worker(
     rt.block_on(async move {
         // Create this thread's plugin instances before the first request needs them.
         for up in &gw.view().upstreams {
-            if let Err(e) = up.selector.binding().warm(&up.pool.snapshot()) {
-                tracing::warn!(upstream = %up.name, "warming the plugin failed: {e}");
+            for binding in up.selector.bindings() {
+                if let Err(e) = binding.warm(&up.pool.snapshot()) {
+                    tracing::warn!(upstream = %up.name, plugin = %binding.plugin().name, "warming the plugin failed: {e}");
+                }
             }
         }
         // From here on, plugin instances are built off this worker's request path.
@@ -225,7 +231,9 @@ fn worker(
         tokio::spawn(async move {
             while let Some(generation) = warmer.changed().await {
                 for up in &warm_gw.view().upstreams {
-                    up.selector.binding().warm_staged(&up.pool.snapshot());
+                    for binding in up.selector.bindings() {
+                        binding.warm_staged(&up.pool.snapshot());
+                    }
                 }
                 warmer.done(generation);
             }

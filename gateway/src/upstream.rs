@@ -67,13 +67,15 @@ pub enum BuildError {
         /// Why.
         reason: String,
     },
-    /// The strategy plugin was refused.
-    #[error("upstream `{upstream}`: {error}")]
+    /// The strategy plugin (of a chain: one step's) was refused.
+    #[error("upstream `{upstream}`: {}{error}", step.map(|s| format!("strategy step {s}: ")).unwrap_or_default())]
     Plugin {
         /// Upstream name.
         upstream: String,
+        /// Which step of a chain (none: a single strategy).
+        step: Option<usize>,
         /// Why.
-        error: PluginError,
+        error: Box<PluginError>,
     },
 }
 
@@ -154,10 +156,17 @@ impl Upstream {
         let selector = match previous {
             Some(p) if p.config.strategy == cfg.strategy => p.selector.clone(),
             _ => {
-                let plugin_err = |error| BuildError::Plugin { upstream: name.into(), error };
-                let plugin = host.resolve(&cfg.strategy.plugin).map_err(plugin_err)?;
-                let binding = host.bind(name, plugin, &cfg.strategy.params).map_err(plugin_err)?;
-                Arc::new(Selector::with_metrics(binding, crate::metrics::control().upstream(name)))
+                let mut steps = Vec::with_capacity(cfg.strategy.steps().len());
+                for (step, s) in cfg.strategy.steps().iter().enumerate() {
+                    let plugin_err = |error| BuildError::Plugin {
+                        upstream: name.into(),
+                        step: cfg.strategy.is_chain().then_some(step),
+                        error: Box::new(error),
+                    };
+                    let plugin = host.resolve(&s.plugin).map_err(plugin_err)?;
+                    steps.push((s.plugin.clone(), host.bind_step(name, step, plugin, &s.params).map_err(plugin_err)?));
+                }
+                Arc::new(Selector::chain(steps, crate::metrics::control().upstream(name)))
             }
         };
         // Unchanged protocol, TLS and pool settings keep the transport, and with it this

@@ -126,7 +126,7 @@ fn a_hundred_swaps_under_load_drop_no_request_and_leak_nothing() {
     let mark = gw.log_mark();
     install(&dir, &test_plugin("wrong-world"), "live.wasm");
     let refused = gw.wait_for_log_after(mark, Duration::from_secs(5), |l| message(l).contains("plugin refused"));
-    assert!(message(&refused).contains("gateway:selector/selector@0.2.0"), "{refused}");
+    assert!(message(&refused).contains("gateway:selector/selector@0.3.0"), "{refused}");
     let after = Instant::now();
     std::thread::sleep(Duration::from_millis(300));
     assert!(behaves(&seen, after, true), "the last good version (round robin) keeps serving");

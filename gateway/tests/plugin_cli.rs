@@ -5,7 +5,7 @@ mod util;
 use std::time::Duration;
 use util::{CliOutput, TempDir, run_cli, test_plugin};
 
-const WORLD: &str = "gateway:selector/selector@0.2.0";
+const WORLD: &str = "gateway:selector/selector@0.3.0";
 
 fn cli(args: &[&str]) -> CliOutput {
     run_cli(args, Duration::from_secs(30))
@@ -48,6 +48,18 @@ fn check_names_the_expected_world_and_what_the_component_exports() {
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.stderr.contains(WORLD), "expected world not named: {out:?}");
     assert!(out.stderr.contains("other:thing/greeter@1.0.0"), "the component's export not named: {out:?}");
+}
+
+/// A plugin built with the SDK of the previous world (0.2.0, before `pass` and
+/// `set-reason`) is refused with what to do about it.
+#[test]
+fn check_tells_to_rebuild_a_plugin_built_for_the_previous_world() {
+    let file = test_plugin("old-world");
+    let out = cli(&["plugin", "check", file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("it was built for gateway:selector@0.2.0, and this gateway speaks @0.3.0"), "{out:?}");
+    assert!(out.stderr.contains("rebuild it against this gateway's wit/"), "{out:?}");
+    assert!(out.stderr.contains("gateway-sdk of this version"), "{out:?}");
 }
 
 #[test]

@@ -9,7 +9,7 @@
 use gateway::config;
 use gateway::plugin::{self, PluginHost};
 use gateway::pool::{BackendEntry, BackendStats, Member, Pool, PoolSnapshot, Source, Status};
-use gateway::select::{Choice, Selector};
+use gateway::select::{Choice, Selector, Why};
 use serde_json::{Value, json};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -108,7 +108,7 @@ fn pick(
     case: &str,
 ) -> Option<(usize, Vec<(String, String)>)> {
     match sel.choose(req, ip, snap, exclude) {
-        Choice::Backend { index, response_headers, fallback: false } => Some((index, response_headers)),
+        Choice::Backend { index, response_headers, fallback: false, .. } => Some((index, response_headers)),
         // The SDK's `Decision::no_backend()`: its text comes back through `set-reject-body`.
         Choice::Reject { status: 503, text, .. } if text == "no healthy backend available" => None,
         Choice::NoBackend => None,
@@ -448,4 +448,65 @@ fn no_strategy_returns_a_tried_backend_and_each_says_no_backend_when_all_were_tr
         }
     }
     eprintln!("exclusion: {picks} picks checked over {} built-ins: {names:?}", names.len());
+}
+
+/// A chain of built-ins through the Wasm boundary: the first step that does not pass
+/// decides, with its response headers; a retry that the decided step cannot serve moves
+/// on; when every step passes the round robin chooses, marked as a fallback.
+#[test]
+fn a_chain_asks_each_step_until_one_decides() {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let upstream = format!("chain-{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let step = |i: usize, plugin: &str, params: Value| {
+        let compiled = host().resolve(plugin).unwrap();
+        (plugin.to_owned(), host().bind_step(&upstream, i, compiled, &params).unwrap())
+    };
+    let sel = Selector::chain(
+        vec![
+            step(0, "sticky-cookie", json!({ "cookie": "lb", "on_miss": "pass" })),
+            step(1, "consistent-hash", json!({ "key": "header:x-user", "on_miss": "pass" })),
+            step(2, "sticky-cookie", json!({ "cookie": "lb" })),
+        ],
+        Arc::default(),
+    );
+    assert_eq!(sel.name(), "sticky-cookie > consistent-hash > sticky-cookie");
+    let four = pool(&ids(4));
+    let snap = four.snapshot();
+    let decided =
+        |headers: &[(&str, &str)], exclude: &[u32]| match sel.choose(&mut parts(headers), CLIENT, &snap, exclude) {
+            Choice::Backend { index, response_headers, fallback: false, why: Why::Step { step, .. } } => {
+                (index, step, response_headers)
+            }
+            other => panic!("{headers:?}: {other:?}"),
+        };
+    // A cookie: step 0, no header set.
+    assert_eq!(decided(&[("cookie", "lb=b2")], &[]), (2, 0, vec![]));
+    // A key: step 1, the same backend every time.
+    let (keyed, step, headers) = decided(&[("x-user", "u-1")], &[]);
+    assert_eq!((step, headers.len()), (1, 0));
+    assert_eq!(decided(&[("x-user", "u-1")], &[]).0, keyed);
+    // Neither: step 2 assigns and sets the cookie (its response headers come back).
+    let (assigned, step, headers) = decided(&[], &[]);
+    assert_eq!(step, 2);
+    assert_eq!(headers[0].0, "set-cookie");
+    assert!(headers[0].1.starts_with(&format!("lb=b{assigned};")), "{headers:?}");
+    // A retry whose cookie backend was tried: step 0 passes, the key decides elsewhere.
+    let (retried, step, _) = decided(&[("cookie", "lb=b2"), ("x-user", "u-1")], &[2]);
+    assert!(step == 1 && retried != 2, "{retried} by step {step}");
+    assert_eq!(sel.steps().map(|s| s.passes).collect::<Vec<_>>(), [4, 1, 0]);
+
+    // Every step passes: the round robin, as a fallback with its own reason.
+    let single = selector("consistent-hash", json!({ "key": "header:x-user", "on_miss": "pass" }));
+    let three = pool(&ids(3));
+    let snap = three.snapshot();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        match single.choose(&mut parts(&[]), CLIENT, &snap, &[]) {
+            Choice::Backend { index, fallback: true, why: Why::AllPassed, .. } => seen.insert(index),
+            other => panic!("{other:?}"),
+        };
+    }
+    assert_eq!(seen.len(), 3);
+    assert_eq!(single.fallbacks(), 6);
+    assert_eq!(Why::AllPassed.reason(), Some("every strategy passed"));
 }

@@ -67,6 +67,8 @@ pub struct Decision {
     pub target: Target,
     /// Headers added to the response the client gets (e.g. `set-cookie`).
     pub response_headers: Vec<(String, String)>,
+    /// Why, in a few words (see [`Decision::with_reason`]).
+    pub reason: Option<String>,
 }
 
 /// Where a request goes.
@@ -76,22 +78,32 @@ pub enum Target {
     Backend(u32),
     /// Answer the client directly with this status and body.
     Reject(u16, String),
+    /// No opinion: the next strategy of the upstream's chain decides (after the last
+    /// one, the gateway's round robin).
+    Pass,
 }
 
 impl Decision {
     /// Send the request to the backend at `index` (into the list of the last `pool_changed`).
     pub fn backend(index: u32) -> Self {
-        Decision { target: Target::Backend(index), response_headers: Vec::new() }
+        Decision { target: Target::Backend(index), response_headers: Vec::new(), reason: None }
     }
 
     /// Answer the client directly with `status` and `body`.
     pub fn reject(status: u16, body: impl Into<String>) -> Self {
-        Decision { target: Target::Reject(status, body.into()), response_headers: Vec::new() }
+        Decision { target: Target::Reject(status, body.into()), response_headers: Vec::new(), reason: None }
     }
 
     /// `503`: no healthy backend that this request has not already tried.
     pub fn no_backend() -> Self {
         Self::reject(503, "no healthy backend available")
+    }
+
+    /// No opinion on this request: the next strategy of the chain decides
+    /// (`strategy: [{plugin: a}, {plugin: b}]`), or the gateway's round robin after the
+    /// last one.
+    pub fn pass() -> Self {
+        Decision { target: Target::Pass, response_headers: Vec::new(), reason: None }
     }
 
     /// Adds a header to the response the client receives (e.g. `set-cookie`).
@@ -100,17 +112,31 @@ impl Decision {
         self
     }
 
+    /// Says why, in a few words (`"zone eu: 3 healthy"`): the gateway writes it to the
+    /// access log and, for a client allowed to ask (`X-Gateway-Debug: 1`), to the
+    /// `X-Gateway-Decision` response header. At most 128 bytes are kept. Costs one host
+    /// call; leave it out on a hot path that needs no explaining.
+    pub fn with_reason(mut self, reason: impl Into<String>) -> Self {
+        self.reason = Some(reason.into());
+        self
+    }
+
     /// The chosen backend's index, if the decision names one.
     pub fn backend_index(&self) -> Option<u32> {
         match self.target {
             Target::Backend(i) => Some(i),
-            Target::Reject(..) => None,
+            Target::Reject(..) | Target::Pass => None,
         }
+    }
+
+    /// Whether the strategy passed (no opinion).
+    pub fn is_pass(&self) -> bool {
+        self.target == Target::Pass
     }
 }
 
-/// Hands a [`Decision`] to the gateway: headers and a rejection's text through the
-/// request, the target as plain numbers. Used by [`export_strategy!`].
+/// Hands a [`Decision`] to the gateway: headers, a rejection's text and the reason
+/// through the request, the target as plain numbers. Used by [`export_strategy!`].
 #[doc(hidden)]
 pub fn answer(
     req: &bindings::gateway::selector::types::Request,
@@ -120,6 +146,9 @@ pub fn answer(
     for (name, value) in &decision.response_headers {
         req.add_response_header(name, value);
     }
+    if let Some(reason) = &decision.reason {
+        req.set_reason(reason);
+    }
     match decision.target {
         Target::Backend(i) => Wit::Backend(i),
         Target::Reject(status, body) => {
@@ -128,6 +157,7 @@ pub fn answer(
             }
             Wit::Reject(status)
         }
+        Target::Pass => Wit::Pass,
     }
 }
 
@@ -145,7 +175,8 @@ pub trait Strategy: Default {
     /// The upstream's backends changed. Precompute here what `pick` needs.
     fn pool_changed(&mut self, generation: u64, backends: Vec<Backend>);
 
-    /// Choose a backend for `req`, avoiding the indexes in `exclude` (already tried).
+    /// Choose a backend for `req`, avoiding the indexes in `exclude` (already tried),
+    /// or [`Decision::pass`] to let the next strategy of a chain decide.
     fn pick(&mut self, req: &dyn Request, exclude: &[u32]) -> Decision;
 }
 
@@ -184,7 +215,7 @@ macro_rules! export_strategy {
             }
 
             // Only a Wasm build exports the glue: on a native target the symbol names
-            // (`cabi_post_gateway:selector/policy@0.2.0#configure`, ...) are not valid in a
+            // (`cabi_post_gateway:selector/policy@0.3.0#configure`, ...) are not valid in a
             // linker version script, so a `cdylib` plugin crate would fail to link for
             // its unit tests.
             #[cfg(target_family = "wasm")]

@@ -15,7 +15,7 @@
 // The engine is detected from the type of `generation` in `poolChanged`, which the
 // gateway always calls before the first `pick`.
 
-import * as host from "gateway:selector/host@0.2.0";
+import * as host from "gateway:selector/host@0.3.0";
 
 const DEFAULT_FLOOR_US = 1000;
 

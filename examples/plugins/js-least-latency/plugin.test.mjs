@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 
 const source = readFileSync(new URL("./plugin.js", import.meta.url), "utf8");
-const IMPORT = 'import * as host from "gateway:selector/host@0.2.0";';
+const IMPORT = 'import * as host from "gateway:selector/host@0.3.0";';
 assert.ok(source.includes(IMPORT), "plugin.js imports the host interface");
 
 let loads = 0;

@@ -46,6 +46,11 @@ pub struct Entry<'a> {
     /// The failure behind a gateway-made 502/504 (backend, address, OS error), which the
     /// client's body leaves out. Written only when there is one.
     pub error: Option<&'a str>,
+    /// The plugin that decided (of a chain: the step that did), rendered once per step;
+    /// none when the native round robin chose or no plugin was asked.
+    pub plugin: Option<&'a PluginName>,
+    /// Why it decided (`request.set-reason`), or why the round robin did.
+    pub decision_reason: Option<&'a str>,
 }
 
 /// A route's `route`, `upstream` and `strategy` fields, rendered (and escaped) for both
@@ -77,6 +82,25 @@ impl Names {
     pub fn none() -> &'static Names {
         static NONE: std::sync::OnceLock<Names> = std::sync::OnceLock::new();
         NONE.get_or_init(|| Names::new("-", "-", "-"))
+    }
+}
+
+/// A plugin's name as the `plugin` field of both formats, rendered (and escaped) once
+/// when its upstream is built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginName {
+    json: Box<[u8]>,
+    text: Box<[u8]>,
+}
+
+impl PluginName {
+    /// The field for the plugin `name`.
+    pub fn new(name: &str) -> PluginName {
+        let mut json = b",\"plugin\":".to_vec();
+        json_str(&mut json, name);
+        let mut text = Vec::new();
+        text_field(&mut text, b" plugin=", name);
+        PluginName { json: json.into(), text: text.into() }
     }
 }
 
@@ -305,6 +329,14 @@ pub(super) fn write_json(out: &mut Vec<u8>, clock: &mut Clock, e: &Entry<'_>) {
     write_ms(out, e.duration);
     out.extend_from_slice(b",\"reason\":");
     json_opt_str(out, e.reason);
+    out.extend_from_slice(e.plugin.map_or(b",\"plugin\":null", |p| &p.json));
+    match e.decision_reason {
+        None => out.extend_from_slice(b",\"decision_reason\":null"),
+        Some(r) => {
+            out.extend_from_slice(b",\"decision_reason\":");
+            json_str(out, r);
+        }
+    }
     if let Some(error) = e.error {
         out.extend_from_slice(b",\"error\":");
         json_str(out, error);
@@ -361,6 +393,11 @@ pub(super) fn write_text(out: &mut Vec<u8>, clock: &mut Clock, e: &Entry<'_>) {
     out.extend_from_slice(b" trace_id=");
     out.extend_from_slice(e.trace_id.unwrap_or(b"-"));
     text_field(out, b" reason=", e.reason.unwrap_or("-"));
+    out.extend_from_slice(e.plugin.map_or(b" plugin=-", |p| &p.text));
+    match e.decision_reason {
+        None => out.extend_from_slice(b" decision_reason=-"),
+        Some(r) => text_field(out, b" decision_reason=", r),
+    }
     if let Some(error) = e.error {
         text_field(out, b" error=", error);
     }
@@ -392,7 +429,15 @@ pub(super) fn sample_entry(method: &http::Method) -> Entry<'_> {
         duration: Duration::from_micros(1_234),
         reason: None,
         error: None,
+        plugin: Some(plugin_name()),
+        decision_reason: None,
     }
+}
+
+#[cfg(test)]
+fn plugin_name() -> &'static PluginName {
+    static NAME: std::sync::OnceLock<PluginName> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| PluginName::new("round-robin"))
 }
 
 #[cfg(test)]
@@ -457,6 +502,8 @@ mod tests {
             "bytes_out": 512,
             "duration_ms": 1.234,
             "reason": null,
+            "plugin": "round-robin",
+            "decision_reason": null,
         });
         assert_eq!(v, expected);
         let reason =
@@ -513,7 +560,8 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "203.0.113.7 [2025-01-31T12:34:56.789Z] \"GET /book/dune?user=42\" 200 512 host=shop.example \
              route=default upstream=web strategy=round-robin backend=b1 attempts=1 fallback=false bytes_in=0 \
-             duration_ms=1.234 request_id=4f1c2a9e0b7d3e61 trace_id=4bf92f3577b34da6a3ce929d0e0e4736 reason=-\n"
+             duration_ms=1.234 request_id=4f1c2a9e0b7d3e61 trace_id=4bf92f3577b34da6a3ce929d0e0e4736 reason=- plugin=round-robin \
+             decision_reason=-\n"
         );
         let mut out = Vec::new();
         let names = Names::new("", "web", "round-robin");

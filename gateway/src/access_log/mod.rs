@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 mod format;
 
 use format::{Clock, write_json, write_text};
-pub use format::{Entry, Names};
+pub use format::{Entry, Names, PluginName};
 
 /// A thread's buffer is handed to the writer once it holds this much.
 const BATCH: usize = 32 * 1024;
@@ -498,7 +498,7 @@ mod tests {
         for t in 0..4 {
             assert_eq!(lines.iter().filter(|l| l["attempts"] == t).count(), 500);
         }
-        assert!(lines.iter().all(|l| l.as_object().unwrap().len() == 18), "{}", lines[0]);
+        assert!(lines.iter().all(|l| l.as_object().unwrap().len() == 20), "{}", lines[0]);
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -95,9 +95,34 @@ fn upstream_stats(gw: &Gateway, up: &Upstream) -> Value {
             "last_error": last_error,
             "quarantined_for_ms": up.selector.binding().quarantined_for().map(|d| d.as_millis() as u64),
             "quarantines": up.selector.binding().quarantines(),
+            "name": up.selector.name(),
+            "chain": chain(up),
         },
         "backends": snap.members.iter().map(|member| backend_stats(up, member)).collect::<Vec<_>>(),
     })
+}
+
+/// The steps of an upstream's strategy (one for a single strategy), in order: plugin,
+/// params, requests asked and passed on, failures.
+fn chain(up: &Upstream) -> Vec<Value> {
+    up.selector
+        .steps()
+        .enumerate()
+        .map(|(i, s)| {
+            let plugin = s.binding.plugin();
+            json!({
+                "step": i,
+                "plugin": s.name,
+                "origin": plugin.origin.to_string(),
+                "sha256": plugin.hash,
+                "params": serde_json::from_str::<Value>(s.binding.params()).unwrap_or(Value::Null),
+                "decisions": s.decisions,
+                "passes": s.passes,
+                "failures": s.binding.failures(),
+                "quarantined_for_ms": s.binding.quarantined_for().map(|d| d.as_millis() as u64),
+            })
+        })
+        .collect()
 }
 
 /// The state of a backend as one word.
@@ -194,6 +219,8 @@ pub fn upstreams(gw: &Gateway) -> Value {
                     "fallbacks": up.selector.fallbacks(),
                     "quarantined_for_ms": up.selector.binding().quarantined_for().map(|d| d.as_millis() as u64),
                 },
+                "strategy": up.selector.name(),
+                "chain": chain(up),
                 "backends": snap.members.iter().map(|m| json!({
                     "id": m.entry.id,
                     "address": m.entry.addr.to_string(),
@@ -230,7 +257,7 @@ pub fn plugins(gw: &Gateway) -> Value {
             let used_by: Vec<_> = view
                 .upstreams
                 .iter()
-                .filter(|u| u.selector.binding().plugin().name == name)
+                .filter(|u| u.selector.bindings().any(|b| b.plugin().name == name))
                 .map(|u| u.name.clone())
                 .collect();
             let current = r.current.as_ref().map(|p| {

@@ -172,7 +172,8 @@ fn bearer(req: &Parts) -> Option<&[u8]> {
     req.headers.get(header::AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")).map(|t| t.trim_ascii())
 }
 
-fn read_token(path: &Path) -> Result<Vec<u8>, AuthError> {
+/// The token in `path`, trimmed: at least 16 characters.
+pub fn read_token(path: &Path) -> Result<Vec<u8>, AuthError> {
     let fail = |reason: String| AuthError::TokenFile { path: path.display().to_string(), reason };
     let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
     let token = text.trim();

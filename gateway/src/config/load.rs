@@ -1,6 +1,6 @@
 //! Reading a config file, with errors that name the file, line and field.
 
-use super::{AccessLog, Backend, Config, LogFormat};
+use super::{AccessLog, Backend, Chain, Config, LogFormat, Strategy};
 use serde::{Deserialize, Deserializer};
 use std::path::{Path, PathBuf};
 
@@ -521,6 +521,37 @@ impl<'de> Deserialize<'de> for AccessLog {
     }
 }
 
+impl<'de> Deserialize<'de> for Chain {
+    /// `{plugin, params}`, or a list of those (a chain); errors inside a step name it by
+    /// its index (`upstreams.web.strategy[1].plugin`).
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Chain;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map with `plugin` and `params`, or a list of those (a chain)")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Chain, A::Error> {
+                Ok(Chain::single(Strategy::deserialize(serde::de::value::MapAccessDeserializer::new(map))?))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Chain, A::Error> {
+                let steps = Vec::<Strategy>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+                match steps.len() {
+                    0 => Err(serde::de::Error::custom(
+                        "the chain is empty: list at least one `{plugin: NAME}`, or leave `strategy` out for round-robin",
+                    )),
+                    n if n > Chain::MAX_STEPS => Err(serde::de::Error::custom(format!(
+                        "a chain of {n} steps; at most {} are allowed",
+                        Chain::MAX_STEPS
+                    ))),
+                    _ => Ok(Chain::of(steps)),
+                }
+            }
+        }
+        de.deserialize_any(Visitor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -534,9 +565,39 @@ mod tests {
         let c = from_yaml(Path::new("gw.yaml"), "upstreams:\n  web:\n    backends:\n      - address: 127.0.0.1:9001\n")
             .unwrap();
         let up = &c.upstreams["web"];
-        assert_eq!(up.strategy.plugin, "round-robin");
+        assert_eq!(up.strategy.first().plugin, "round-robin");
         assert_eq!(up.health_check.rise, 2);
         assert_eq!(c.effective_routes()[0].upstream, "web");
+    }
+
+    #[test]
+    fn a_strategy_is_one_plugin_or_a_chain() {
+        let yaml = |strategy: &str| {
+            format!("upstreams:\n  web:\n    backends:\n      - address: 127.0.0.1:9001\n    strategy: {strategy}\n")
+        };
+        let c = from_yaml(Path::new("gw.yaml"), &yaml("{plugin: random}")).unwrap();
+        assert!(!c.upstreams["web"].strategy.is_chain());
+        assert_eq!(c.upstreams["web"].strategy.name(), "random");
+        let text = yaml("[{plugin: sticky-cookie}, {plugin: consistent-hash, params: {key: path}}, {plugin: random}]");
+        let c = from_yaml(Path::new("gw.yaml"), &text).unwrap();
+        let chain = &c.upstreams["web"].strategy;
+        assert_eq!(chain.name(), "sticky-cookie > consistent-hash > random");
+        assert_eq!(chain.steps()[1].params["key"], "path");
+        // Written back as it was read: a map for one, a list for a chain.
+        let again: Config = serde_yaml::from_str(&serde_yaml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(again.upstreams["web"].strategy, *chain);
+
+        let e = err(&yaml("[{plugin: sticky-cookie}, {plugn: random}]"));
+        assert!(e.starts_with("gw.yaml:5:"), "{e}");
+        assert!(e.contains("upstreams.web.strategy[1]") && e.contains("unknown field `plugn`"), "{e}");
+        let e = err(&yaml("[]"));
+        assert!(e.contains("upstreams.web.strategy") && e.contains("the chain is empty"), "{e}");
+        let e = err(&yaml(
+            "[{plugin: random}, {plugin: random}, {plugin: random}, {plugin: random}, {plugin: random}, {plugin: random}, {plugin: random}, {plugin: random}, {plugin: random}]",
+        ));
+        assert!(e.contains("a chain of 9 steps; at most 8"), "{e}");
+        let e = err(&yaml("random"));
+        assert!(e.contains("expected a map with `plugin` and `params`, or a list of those"), "{e}");
     }
 
     #[test]

@@ -239,9 +239,10 @@ pub struct Upstream {
     /// Where more backends come from while the gateway runs (one source). Default none.
     #[serde(default)]
     pub discovery: Option<Discovery>,
-    /// The selection plugin and its params.
+    /// The selection plugin and its params, or a chain of them tried in order (a
+    /// plugin that answers `pass` lets the next one decide).
     #[serde(default)]
-    pub strategy: Strategy,
+    pub strategy: Chain,
     /// Active health checks.
     #[serde(default)]
     pub health_check: HealthCheck,
@@ -419,6 +420,70 @@ pub struct Strategy {
     /// Params handed to the plugin's `configure` as JSON.
     #[serde(default = "empty_params")]
     pub params: serde_json::Value,
+}
+
+/// An upstream's strategy: one plugin (`{plugin, params}` in YAML) or a chain of them
+/// (a list of those), asked in order until one decides; when the last one passes, the
+/// native round robin chooses. At most [`Chain::MAX_STEPS`] steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chain {
+    steps: Vec<Strategy>,
+}
+
+impl Chain {
+    /// The longest chain accepted.
+    pub const MAX_STEPS: usize = 8;
+
+    /// A chain of one strategy.
+    pub fn single(strategy: Strategy) -> Self {
+        Chain { steps: vec![strategy] }
+    }
+
+    /// A chain of these strategies (at least one: an empty list is the default).
+    pub fn of(steps: Vec<Strategy>) -> Self {
+        if steps.is_empty() { Chain::default() } else { Chain { steps } }
+    }
+
+    /// The steps, in order (at least one).
+    pub fn steps(&self) -> &[Strategy] {
+        &self.steps
+    }
+
+    /// The first (for a single strategy, the only) step.
+    pub fn first(&self) -> &Strategy {
+        &self.steps[0]
+    }
+
+    /// The first step, to change (the quick-start flags set its plugin and params).
+    pub fn first_mut(&mut self) -> &mut Strategy {
+        &mut self.steps[0]
+    }
+
+    /// More than one step.
+    pub fn is_chain(&self) -> bool {
+        self.steps.len() > 1
+    }
+
+    /// The plugin names joined by ` > ` (`sticky-cookie > consistent-hash`): how logs,
+    /// metrics and the access log name the strategy.
+    pub fn name(&self) -> String {
+        self.steps.iter().map(|s| s.plugin.as_str()).collect::<Vec<_>>().join(" > ")
+    }
+}
+
+impl Default for Chain {
+    fn default() -> Self {
+        Chain::single(Strategy::default())
+    }
+}
+
+impl Serialize for Chain {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        match self.steps.as_slice() {
+            [one] => one.serialize(ser),
+            steps => steps.serialize(ser),
+        }
+    }
 }
 
 /// Active health checking of every backend.
@@ -849,7 +914,7 @@ impl Upstream {
         Upstream {
             backends,
             discovery: None,
-            strategy: Strategy::default(),
+            strategy: Chain::default(),
             health_check: HealthCheck::default(),
             passive: Passive::default(),
             retries: Retries::default(),

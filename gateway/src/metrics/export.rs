@@ -12,6 +12,9 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 use std::fmt::Error;
 use std::sync::Arc;
+
+/// `step` label values of a chain's steps (a chain has at most 8).
+const STEP_LABELS: [&str; 8] = ["0", "1", "2", "3", "4", "5", "6", "7"];
 use std::sync::atomic::Ordering::Relaxed;
 
 /// The whole exposition, `# EOF` included.
@@ -292,6 +295,7 @@ impl prometheus_client::collector::Collector for Scrape {
         let (mut decisions, mut fallbacks, mut plugin_failures, mut decision_time, mut info) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut dropped_headers, mut quarantined, mut quarantines) = (Vec::new(), Vec::new(), Vec::new());
+        let mut passes = Vec::new();
         let plugins: Vec<_> = view.upstreams.iter().map(|u| u.selector.binding().plugin()).collect();
         for (u, plugin) in view.upstreams.iter().zip(&plugins) {
             let m = &u.metrics;
@@ -305,27 +309,42 @@ impl prometheus_client::collector::Collector for Scrape {
                 vec![("upstream", u.name.as_str()), ("reason", "budget")],
                 m.shards.sum(|s| s.retries_skipped.get()),
             ));
-            let labels = vec![("upstream", u.name.as_str()), ("plugin", plugin.name.as_str())];
-            decisions.push((labels.clone(), m.shards.sum(|s| s.decisions.get())));
+            // A chain's series name its strategy `a > b > c`; per-step ones add `step`.
+            let strategy = if u.selector.is_chain() { u.selector.name() } else { plugin.name.as_str() };
+            let labels = vec![("upstream", u.name.as_str()), ("plugin", strategy)];
             dropped_headers.push((labels.clone(), m.dropped_headers.get()));
             fallbacks.push((labels.clone(), m.fallbacks.get()));
-            let binding = u.selector.binding();
+            let setup_failures: u64 = u.selector.bindings().map(|b| b.setup_failures()).sum();
             for (kind, c) in UpstreamMetrics::FAILURE_KINDS.iter().zip(&m.failures) {
                 let mut l = labels.clone();
                 l.push(("kind", *kind));
                 // Instances that failed to build off the request path count as `instantiate`.
-                let off_path = if *kind == "instantiate" { binding.setup_failures() } else { 0 };
+                let off_path = if *kind == "instantiate" { setup_failures } else { 0 };
                 plugin_failures.push((l, c.get() + off_path));
             }
-            quarantined.push((labels.clone(), i64::from(binding.quarantined_for().is_some())));
-            quarantines.push((labels.clone(), binding.quarantines()));
+            for (i, step) in u.selector.steps().enumerate() {
+                let mut l = vec![("upstream", u.name.as_str()), ("plugin", step.name)];
+                if u.selector.is_chain() {
+                    l.push(("step", STEP_LABELS.get(i).copied().unwrap_or("many")));
+                }
+                decisions.push((l.clone(), step.decisions));
+                passes.push((l.clone(), step.passes));
+                quarantined.push((l.clone(), i64::from(step.binding.quarantined_for().is_some())));
+                quarantines.push((l, step.binding.quarantines()));
+            }
             decision_time
                 .push((vec![("upstream", u.name.as_str())], HistogramSnapshot::of(&m.shards, |s| &s.decision_time)));
         }
-        let origins: Vec<String> = plugins.iter().map(|p| p.origin.to_string()).collect();
-        for ((u, plugin), origin) in view.upstreams.iter().zip(&plugins).zip(&origins) {
+        // One series per plugin in use: every step of a chain.
+        let in_use: Vec<_> = view
+            .upstreams
+            .iter()
+            .flat_map(|u| u.selector.bindings().map(move |b| (u.name.as_str(), b.plugin())))
+            .collect();
+        let origins: Vec<String> = in_use.iter().map(|(_, p)| p.origin.to_string()).collect();
+        for ((upstream, plugin), origin) in in_use.iter().zip(&origins) {
             info.push(vec![
-                ("upstream", u.name.as_str()),
+                ("upstream", *upstream),
                 ("plugin", plugin.name.as_str()),
                 ("origin", origin.as_str()),
                 ("sha256", plugin.hash.as_str()),
@@ -343,11 +362,22 @@ impl prometheus_client::collector::Collector for Scrape {
             "Retries not made, by reason (budget: the upstream's retry_budget was spent; the client got the failed attempt's answer).",
             &retries_skipped,
         )?;
-        counter(&mut enc, "plugin_decisions", "Backend decisions asked of each upstream's plugin.", &decisions)?;
+        counter(
+            &mut enc,
+            "plugin_decisions",
+            "Backend decisions asked of each upstream's plugin (of a chain: of each step, labelled `step`).",
+            &decisions,
+        )?;
+        counter(
+            &mut enc,
+            "plugin_passes",
+            "Requests a plugin passed on (`pass`): to the next step of its chain, or after the last step to the native round robin (counted in plugin_fallbacks too).",
+            &passes,
+        )?;
         counter(
             &mut enc,
             "plugin_fallbacks",
-            "Decisions the native round robin made because the plugin failed.",
+            "Decisions the native round robin made because the plugin failed, or because every step of the strategy passed.",
             &fallbacks,
         )?;
         counter(

@@ -1,5 +1,6 @@
 //! Generated bindings for `wit/selector.wit` and the host side of its imports.
 
+use super::reason::Reason;
 use super::shared::Namespace;
 use crate::pool::PoolSnapshot;
 use std::net::IpAddr;
@@ -126,6 +127,8 @@ pub struct CurrentRequest {
     pub response_header_bytes: usize,
     /// Set by `request.set-reject-body`.
     pub reject_body: Option<String>,
+    /// Set by `request.set-reason` (nothing is allocated unless it is).
+    pub reason: Option<Reason>,
 }
 
 impl CurrentRequest {
@@ -138,6 +141,7 @@ impl CurrentRequest {
             response_headers: Vec::new(),
             response_header_bytes: 0,
             reject_body: None,
+            reason: None,
         }
     }
 }
@@ -215,6 +219,17 @@ impl HostState {
                 Ok(())
             },
         )?;
+        types.func_wrap(
+            "[method]request.set-reason",
+            |mut store: StoreContextMut<'_, HostState>, (_, text): (Resource<RequestRef>, WasmStr)| {
+                // Read where it lies; only the kept bytes are copied.
+                let reason = Reason::new(&text.to_str(store.as_context())?);
+                if let Some(r) = store.data_mut().request.as_mut() {
+                    r.reason = Some(reason);
+                }
+                Ok(())
+            },
+        )?;
         let mut host = linker.instance(super::IMPORT)?;
         host.func_wrap(
             "kv-set",
@@ -285,8 +300,8 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
-// The generated host traits. `kv-set`, `log`, `add-response-header` and
-// `set-reject-body` are replaced in `add_to_linker` by versions that bound the guest's
+// The generated host traits. `kv-set`, `log`, `add-response-header`,
+// `set-reject-body` and `set-reason` are replaced in `add_to_linker` by versions that bound the guest's
 // strings before copying them; the trait versions below are never called.
 impl gen_::gateway::selector::host::Host for HostState {
     fn counter_add(&mut self, key: String, delta: i64) -> wasmtime::Result<i64> {
@@ -416,6 +431,12 @@ impl gen_::gateway::selector::types::HostRequest for HostState {
     fn set_reject_body(&mut self, _: Resource<RequestRef>, text: String) {
         if let Some(r) = self.request.as_mut() {
             r.reject_body = Some(cut(&text, MAX_REJECT_BODY_BYTES).into_owned());
+        }
+    }
+
+    fn set_reason(&mut self, _: Resource<RequestRef>, text: String) {
+        if let Some(r) = self.request.as_mut() {
+            r.reason = Some(Reason::new(&text));
         }
     }
 

@@ -24,6 +24,8 @@ pub enum Target {
     Backend(u32),
     /// Answer directly with this status and body.
     Reject(u16, String),
+    /// No opinion: the next step of the chain decides (the fallback after the last).
+    Pass,
 }
 
 /// A plugin's validated answer.
@@ -33,6 +35,8 @@ pub struct Decision {
     pub target: Target,
     /// Headers to add to the client's response.
     pub response_headers: Vec<(String, String)>,
+    /// Why, when the plugin said (`request.set-reason`).
+    pub reason: Option<super::Reason>,
 }
 
 /// What went wrong in a call; the instance involved has been discarded.
@@ -371,8 +375,9 @@ impl Binding {
                             message: format!("rejected with invalid status {status}"),
                         });
                     }
+                    WitDecision::Pass => Target::Pass,
                 };
-                Ok(Decision { target, response_headers: req.response_headers })
+                Ok(Decision { target, response_headers: req.response_headers, reason: req.reason })
             });
             match &result {
                 // An answer from an older view says nothing about the plugin's

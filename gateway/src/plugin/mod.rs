@@ -13,6 +13,7 @@ mod compile;
 mod instance;
 mod lookup;
 mod quarantine;
+mod reason;
 mod setup;
 mod shared;
 mod warm;
@@ -34,15 +35,16 @@ pub use compile::{
 };
 pub use instance::{Binding, Decision, PickError, PickErrorKind, Target, maintain_instances};
 pub use quarantine::Policy as QuarantinePolicy;
+pub use reason::{MAX_DECISION_REASON_BYTES, Reason};
 pub use shared::{Namespace, StateLimits};
 pub use warm::Warmer;
 pub use watch::watch;
 
 /// The world a plugin must implement, as printed in errors.
-pub const WORLD: &str = "gateway:selector/selector@0.2.0";
-const IMPORT: &str = "gateway:selector/host@0.2.0";
-const TYPES: &str = "gateway:selector/types@0.2.0";
-const EXPORT: &str = "gateway:selector/policy@0.2.0";
+pub const WORLD: &str = "gateway:selector/selector@0.3.0";
+const IMPORT: &str = "gateway:selector/host@0.3.0";
+const TYPES: &str = "gateway:selector/types@0.3.0";
+const EXPORT: &str = "gateway:selector/policy@0.3.0";
 /// Longest a swap waits for the workers to warm the new version.
 const WARM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Epoch tick; deadlines are whole ticks.
@@ -605,11 +607,26 @@ impl PluginHost {
         plugin: Arc<Plugin>,
         params: &serde_json::Value,
     ) -> Result<Arc<Binding>, PluginError> {
+        self.bind_step(upstream, 0, plugin, params)
+    }
+
+    /// [`PluginHost::bind`] for step `step` of the upstream's strategy chain. Each step
+    /// has host state (counters, key-value store) of its own, so two steps never share a
+    /// round-robin counter; the first step's is the upstream's, kept when a single
+    /// strategy becomes the head of a chain.
+    pub fn bind_step(
+        self: &Arc<Self>,
+        upstream: &str,
+        step: usize,
+        plugin: Arc<Plugin>,
+        params: &serde_json::Value,
+    ) -> Result<Arc<Binding>, PluginError> {
+        let key = if step == 0 { upstream.to_owned() } else { format!("{upstream}#{step}") };
         let namespace = self
             .namespaces
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(upstream.to_owned())
+            .entry(key)
             .or_insert_with(|| Arc::new(Namespace::new(self.budget.state)))
             .clone();
         let binding = Binding::new(self.clone(), upstream, plugin.clone(), params.to_string(), namespace);
@@ -732,10 +749,10 @@ mod tests {
         let old = ["gateway:selector/types@0.1.0", "gateway:selector/host@0.1.0", "gateway:selector/policy@0.1.0"];
         let reason = other_version(old.into_iter()).expect("0.1.0 is not this gateway's version");
         assert!(
-            reason.starts_with("it was built for gateway:selector@0.1.0, and this gateway speaks @0.2.0"),
+            reason.starts_with("it was built for gateway:selector@0.1.0, and this gateway speaks @0.3.0"),
             "{reason}"
         );
-        let current = [IMPORT, EXPORT, "gateway:selector/types@0.2.0", "wasi:io/streams@0.2.6"];
+        let current = [IMPORT, EXPORT, "gateway:selector/types@0.3.0", "wasi:io/streams@0.2.6"];
         assert_eq!(other_version(current.into_iter()), None);
         assert_eq!(other_version(["other:thing/greeter@1.0.0"].into_iter()), None, "not ours: another message");
     }

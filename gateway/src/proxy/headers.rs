@@ -9,6 +9,10 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// Request id, generated when the client sent none.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// A client asking how its request was routed (`1`); never forwarded.
+pub const X_GATEWAY_DEBUG: HeaderName = HeaderName::from_static("x-gateway-debug");
+/// The answer to [`X_GATEWAY_DEBUG`]: `upstream=...; plugin=...; backend=...; reason=...`.
+pub const X_GATEWAY_DECISION: HeaderName = HeaderName::from_static("x-gateway-decision");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -97,6 +101,12 @@ pub struct Forwarding<'a> {
     pub https: bool,
 }
 
+/// The headers a backend gets (tests: [`for_backend_noting_debug`] without the flag).
+#[cfg(test)]
+pub fn for_backend(client: &HeaderMap, fwd: &Forwarding<'_>, fallback_host: impl FnOnce() -> HeaderValue) -> HeaderMap {
+    for_backend_noting_debug(client, fwd, fallback_host).0
+}
+
 /// The headers a backend gets, built in one pass over the client's: hop-by-hop headers
 /// (and those `Connection` names) left out, `X-Forwarded-For` extended, `-Proto`,
 /// `-Host` and `X-Request-Id` added, `traceparent` set to the gateway's span (`tracestate`
@@ -104,7 +114,15 @@ pub struct Forwarding<'a> {
 /// (last resort: `fallback_host`, the backend's own address, for an HTTP/1.0 client that
 /// sent none). The client's map is left as it came,
 /// so a retry builds its own copy.
-pub fn for_backend(client: &HeaderMap, fwd: &Forwarding<'_>, fallback_host: impl FnOnce() -> HeaderValue) -> HeaderMap {
+///
+/// Also says whether the client sent `X-Gateway-Debug: 1` (which is never forwarded):
+/// noticed while the headers are copied, so asking costs no lookup of its own.
+pub fn for_backend_noting_debug(
+    client: &HeaderMap,
+    fwd: &Forwarding<'_>,
+    fallback_host: impl FnOnce() -> HeaderValue,
+) -> (HeaderMap, bool) {
+    let mut debug = false;
     let mut out = HeaderMap::with_capacity(client.keys_len() + 6);
     let listed = if client.contains_key(header::CONNECTION) { connection_listed(client) } else { Vec::new() };
     let mut earlier_xff: Option<Vec<u8>> = None;
@@ -123,6 +141,10 @@ pub fn for_backend(client: &HeaderMap, fwd: &Forwarding<'_>, fallback_host: impl
             continue;
         }
         if name == TRACEPARENT {
+            continue;
+        }
+        if name == X_GATEWAY_DEBUG {
+            debug |= value.as_bytes() == b"1";
             continue;
         }
         if name == header::HOST && out.contains_key(header::HOST) {
@@ -171,7 +193,7 @@ pub fn for_backend(client: &HeaderMap, fwd: &Forwarding<'_>, fallback_host: impl
     if let Some(protocol) = fwd.upgrade {
         set_upgrade(&mut out, protocol.clone());
     }
-    out
+    (out, debug)
 }
 
 /// The extra header names a `Connection` header lists (usually none: it says only

@@ -32,6 +32,8 @@ pub struct Pending {
     pub(super) reason: Option<&'static str>,
     /// The failure behind a gateway-made 502/504 (backend id, address, OS error).
     pub(super) error: Option<String>,
+    /// Which step of the strategy decided, and why.
+    pub(super) why: Option<crate::select::Why>,
 }
 
 impl Pending {
@@ -46,6 +48,10 @@ impl Pending {
             .map(|a| a.as_str())
             .or_else(|| self.host.as_ref().and_then(|h| std::str::from_utf8(h.as_bytes()).ok()))
             .unwrap_or("-");
+        let plugin = match (&self.why, route) {
+            (Some(crate::select::Why::Step { step, .. }), Some(r)) => r.upstream.selector.step_log_name(*step),
+            _ => None,
+        };
         self.log.record(&Entry {
             time: self.time,
             request_id: self.trace.request_id().as_bytes(),
@@ -64,6 +70,8 @@ impl Pending {
             duration: self.started.elapsed(),
             reason: self.reason,
             error: self.error.as_deref(),
+            plugin,
+            decision_reason: self.why.as_ref().and_then(|w| w.reason()),
         });
     }
 }

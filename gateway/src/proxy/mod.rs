@@ -18,7 +18,7 @@ pub use conns::{Conns, Transport};
 use crate::health::Reporter;
 use crate::metrics::{self, Generated, RetryReason};
 use crate::pool::BackendStats;
-use crate::select::Choice;
+use crate::select::{Choice, Why};
 use crate::upstream::Upstream;
 use crate::view::View;
 use arc_swap::ArcSwap;
@@ -68,6 +68,9 @@ pub struct Proxy {
     pub reporter: Reporter,
     /// One line per request, written off the worker; none: off.
     pub access_log: Option<Arc<crate::access_log::AccessLog>>,
+    /// The admin token: a client carrying it as a bearer may ask `X-Gateway-Debug: 1`
+    /// from anywhere (without it, only from a loopback address).
+    pub debug_token: Option<Box<[u8]>>,
 }
 
 /// Per-request context for the access log and metrics.
@@ -82,6 +85,12 @@ struct Outcome {
     bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
     /// What went wrong, for the access log only (clients get a generic body).
     error: Option<String>,
+    /// Which step of the strategy decided, and why (the last attempt's decision).
+    why: Option<Why>,
+    /// The client asked `X-Gateway-Debug: 1` and may: the backend that served goes
+    /// here (the only allocation the debug header costs, and only then). Noticed while
+    /// the headers are copied for the backend (or, for a rejection, looked up then).
+    debug: Option<Option<String>>,
 }
 
 impl Proxy {
@@ -117,6 +126,8 @@ impl Proxy {
             trace: trace::Trace::from_client(req.headers()),
             bytes_in: None,
             error: None,
+            why: None,
+            debug: None,
         };
         // Routed and forwarded with dot-segments removed; encoded slashes are refused.
         let normal = crate::router::normalize_path(uri.path()).map(|p| match p {
@@ -186,6 +197,11 @@ impl Proxy {
                     shard.requests[metrics::class(resp.status().as_u16())].inc();
                     shard.duration.observe(started.elapsed());
                 }
+                let mut resp = resp;
+                if let (Some(backend), Some(why)) = (&outcome.debug, &outcome.why) {
+                    let value = decision_header(&route.upstream, why, backend.as_deref());
+                    resp.headers_mut().insert(headers::X_GATEWAY_DECISION, value);
+                }
                 resp
             }
         };
@@ -213,6 +229,7 @@ impl Proxy {
                 bytes_in: outcome.bytes_in,
                 reason: outcome.generated.map(|g| Generated::LABELS[g as usize]),
                 error: outcome.error,
+                why: outcome.why,
             };
             match resp.body_mut() {
                 // A backend's body: the line waits for its end (bytes, full duration).
@@ -275,19 +292,28 @@ impl Proxy {
             let pool = upstream.pool.snapshot();
             // After a pool change this worker's plugin instance is brought up to date off
             // the request path: the first request waits for it, briefly.
-            if let Some(catch_up) = upstream.selector.binding().catch_up(&pool) {
-                catch_up.await;
+            for binding in upstream.selector.bindings() {
+                if let Some(catch_up) = binding.catch_up(&pool) {
+                    catch_up.await;
+                }
             }
             let (index, extra_headers) = match upstream.selector.choose(&mut parts, peer.ip(), &pool, &tried) {
-                Choice::Backend { index, response_headers, fallback } => {
+                Choice::Backend { index, response_headers, fallback, why } => {
                     outcome.fallback |= fallback;
+                    outcome.why = Some(why);
                     (index, response_headers)
                 }
                 // On a retry a rejection means "nothing left to try" (the SDK's
                 // `no_backend()` is a 503): the client is better told what went wrong
                 // with the backend that was tried.
                 Choice::Reject { .. } if last_error.is_some() => break,
-                Choice::Reject { status, text, response_headers } => {
+                Choice::Reject { status, text, response_headers, why } => {
+                    outcome.why = Some(why);
+                    if parts.headers.get(headers::X_GATEWAY_DEBUG).is_some_and(|v| v.as_bytes() == b"1")
+                        && self.may_debug(&parts.headers, conn)
+                    {
+                        outcome.debug = Some(None);
+                    }
                     let mut resp = plain(StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), text);
                     add_headers(resp.headers_mut(), response_headers);
                     outcome.generated = Some(Generated::PluginReject);
@@ -310,9 +336,13 @@ impl Proxy {
             let mut attempt = Request::new(body.attempt(entry));
             *attempt.method_mut() = parts.method.clone();
             *attempt.uri_mut() = target.clone();
-            *attempt.headers_mut() = headers::for_backend(&parts.headers, &forwarding, || {
+            let (forwarded, debug) = headers::for_backend_noting_debug(&parts.headers, &forwarding, || {
                 header::HeaderValue::from_str(entry.authority.as_str()).expect("valid authority")
             });
+            *attempt.headers_mut() = forwarded;
+            if debug && self.may_debug(&parts.headers, conn) {
+                outcome.debug = Some(Some(entry.id.clone()));
+            }
 
             let guard = BackendStats::start(entry);
             let sent = Instant::now();
@@ -464,6 +494,18 @@ impl Proxy {
         })
     }
 
+    /// Whether the client may see how its request was routed: it connected from a
+    /// loopback address (after any PROXY protocol header), or carries the admin token
+    /// as `Authorization: Bearer TOKEN`.
+    fn may_debug(&self, client: &http::HeaderMap, conn: &ClientConn) -> bool {
+        if conn.peer.ip().to_canonical().is_loopback() {
+            return true;
+        }
+        let Some(token) = &self.debug_token else { return false };
+        let given = client.get(header::AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        given.is_some_and(|t| bool::from(subtle::ConstantTimeEq::ct_eq(t.trim_ascii(), &token[..])))
+    }
+
     /// Whether a retry after attempt number `attempts` (made in second `second`) may
     /// be made: there is an attempt left and the upstream's retry budget has room. A
     /// retry the budget refuses is counted.
@@ -567,6 +609,22 @@ fn add_headers(headers: &mut http::HeaderMap, extra: Vec<(String, String)>) {
             headers.append(n, v);
         }
     }
+}
+
+/// `X-Gateway-Decision: upstream=web; plugin=consistent-hash; backend=b2; reason=...`:
+/// the step that decided (`-` when the native round robin did) and its reason.
+fn decision_header(upstream: &Upstream, why: &Why, backend: Option<&str>) -> header::HeaderValue {
+    let plugin = match why {
+        Why::Step { step, .. } => upstream.selector.step_name(*step),
+        Why::AllPassed | Why::Failed => "-",
+    };
+    let mut text = format!("upstream={}; plugin={plugin}; backend={}", upstream.name, backend.unwrap_or("-"));
+    if let Some(reason) = why.reason() {
+        text.push_str("; reason=");
+        // A header value holds no control characters.
+        text.extend(reason.chars().map(|c| if c.is_control() { ' ' } else { c }));
+    }
+    header::HeaderValue::from_bytes(text.as_bytes()).unwrap_or(header::HeaderValue::from_static("-"))
 }
 
 /// Replaces the path of `uri`, keeping its scheme, authority and query.

@@ -1,8 +1,10 @@
-//! Backend selection: the Wasm plugin's decision, with a native round robin as the
-//! fallback when the plugin fails (trap, timeout, bad answer).
+//! Backend selection: the Wasm plugin's decision (or, for a chain, the first step's that
+//! does not pass), with a native round robin as the fallback when a plugin fails (trap,
+//! timeout, bad answer) or every step passes.
 
-use crate::metrics::{DECISION_SAMPLE, UpstreamMetrics};
-use crate::plugin::{Binding, PickErrorKind, Target};
+use crate::access_log::PluginName;
+use crate::metrics::{Counter, DECISION_SAMPLE, PerWorker, UpstreamMetrics};
+use crate::plugin::{Binding, PickErrorKind, Reason, Target};
 use crate::pool::PoolSnapshot;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -34,6 +36,37 @@ fn without_framing(mut headers: Vec<(String, String)>) -> (Vec<(String, String)>
     (headers, dropped)
 }
 
+/// Who chose a request's backend (or answered it), and why: for the access log and the
+/// `X-Gateway-Decision` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Why {
+    /// The plugin of this step of the chain decided (0 for a single strategy), with the
+    /// reason it gave, if any.
+    Step {
+        /// Index into the chain.
+        step: u8,
+        /// `request.set-reason`, when called.
+        reason: Option<Reason>,
+    },
+    /// Every step passed: the native round robin chose.
+    AllPassed,
+    /// A plugin failed (trap, timeout, bad answer, quarantined, not ready): the native
+    /// round robin chose.
+    Failed,
+}
+
+impl Why {
+    /// The reason as the access log and the debug header write it (none for a plugin
+    /// that gave none).
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Why::Step { reason, .. } => reason.as_ref().map(Reason::as_str),
+            Why::AllPassed => Some("every strategy passed"),
+            Why::Failed => Some("the plugin failed"),
+        }
+    }
+}
+
 /// What to do with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Choice {
@@ -43,8 +76,10 @@ pub enum Choice {
         index: usize,
         /// Headers for the client's response (e.g. a sticky cookie).
         response_headers: Vec<(String, String)>,
-        /// The plugin failed and the fallback chose.
+        /// No plugin decided (one failed, or all passed): the fallback chose.
         fallback: bool,
+        /// Who decided, and why.
+        why: Why,
     },
     /// The plugin answers the client itself.
     Reject {
@@ -54,15 +89,55 @@ pub enum Choice {
         text: String,
         /// Headers for the client's response.
         response_headers: Vec<(String, String)>,
+        /// Which step rejected, and why.
+        why: Why,
     },
     /// No healthy backend left to try.
     NoBackend,
 }
 
-/// Chooses backends for one upstream.
+/// One step of an upstream's strategy chain.
+#[derive(Debug)]
+struct Step {
+    binding: Arc<Binding>,
+    /// Plugin name, as the config gives it.
+    name: String,
+    /// The same, rendered for the access log.
+    log_name: PluginName,
+    /// Per worker: requests asked of this step (chains only: a single strategy's are
+    /// the upstream's decisions) and passes.
+    shards: PerWorker<StepShard>,
+}
+
+/// What one worker counted for one step of a chain.
+#[derive(Debug, Default)]
+pub struct StepShard {
+    /// Requests this step was asked about.
+    pub decisions: Counter,
+    /// Requests it passed on.
+    pub passes: Counter,
+}
+
+/// What the metrics and the admin API show of one step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepView<'a> {
+    /// The binding (plugin, params, failures, quarantine).
+    pub binding: &'a Arc<Binding>,
+    /// Plugin name as configured.
+    pub name: &'a str,
+    /// Requests asked of this step.
+    pub decisions: u64,
+    /// Requests it passed on.
+    pub passes: u64,
+}
+
+/// Chooses backends for one upstream: asks each step of its chain in turn until one
+/// decides (one plugin call per step taken), then the native round robin.
 #[derive(Debug)]
 pub struct Selector {
-    binding: Arc<Binding>,
+    steps: Box<[Step]>,
+    /// `a > b > c`: the strategy's name in logs and metrics.
+    name: String,
     metrics: Arc<UpstreamMetrics>,
     fallback_turn: AtomicU64,
     /// Milliseconds (since `epoch`) of the last logged plugin failure: rate limit.
@@ -78,8 +153,26 @@ impl Selector {
 
     /// A selector that asks `binding` and counts into `metrics`.
     pub fn with_metrics(binding: Arc<Binding>, metrics: Arc<UpstreamMetrics>) -> Self {
+        let name = binding.plugin().name.clone();
+        Self::chain(vec![(name, binding)], metrics)
+    }
+
+    /// A selector that asks each of `steps` (plugin name, binding) in order until one
+    /// decides, counting into `metrics`. At least one step.
+    pub fn chain(steps: Vec<(String, Arc<Binding>)>, metrics: Arc<UpstreamMetrics>) -> Self {
+        assert!(!steps.is_empty() && steps.len() <= usize::from(u8::MAX), "a chain has 1 to 255 steps");
+        let name = steps.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(" > ");
         Selector {
-            binding,
+            steps: steps
+                .into_iter()
+                .map(|(name, binding)| Step {
+                    binding,
+                    log_name: PluginName::new(&name),
+                    name,
+                    shards: PerWorker::default(),
+                })
+                .collect(),
+            name,
             metrics,
             fallback_turn: AtomicU64::new(0),
             last_logged_ms: AtomicU64::new(0),
@@ -87,12 +180,53 @@ impl Selector {
         }
     }
 
-    /// The plugin binding.
+    /// The first step's plugin binding (a single strategy's only one).
     pub fn binding(&self) -> &Arc<Binding> {
-        &self.binding
+        &self.steps[0].binding
     }
 
-    /// Requests the fallback chose because the plugin failed.
+    /// Every step's binding, in order.
+    pub fn bindings(&self) -> impl Iterator<Item = &Arc<Binding>> {
+        self.steps.iter().map(|s| &s.binding)
+    }
+
+    /// The plugin name of step `step` (as configured).
+    pub fn step_name(&self, step: u8) -> &str {
+        self.steps.get(usize::from(step)).map_or("-", |s| s.name.as_str())
+    }
+
+    /// The plugin name of step `step`, rendered for the access log.
+    pub fn step_log_name(&self, step: u8) -> Option<&PluginName> {
+        self.steps.get(usize::from(step)).map(|s| &s.log_name)
+    }
+
+    /// The steps with their counters.
+    pub fn steps(&self) -> impl Iterator<Item = StepView<'_>> {
+        let chain = self.is_chain();
+        self.steps.iter().map(move |s| StepView {
+            binding: &s.binding,
+            name: &s.name,
+            decisions: if chain { s.shards.sum(|c| c.decisions.get()) } else { self.decisions() },
+            passes: s.shards.sum(|c| c.passes.get()),
+        })
+    }
+
+    /// More than one step.
+    pub fn is_chain(&self) -> bool {
+        self.steps.len() > 1
+    }
+
+    /// `a > b > c` (the plugin's name for a single strategy).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Requests this selector was asked about.
+    pub fn decisions(&self) -> u64 {
+        self.metrics.shards.sum(|s| s.decisions.get())
+    }
+
+    /// Requests the fallback chose because a plugin failed or every step passed.
     pub fn fallbacks(&self) -> u64 {
         self.metrics.fallbacks.get()
     }
@@ -113,53 +247,98 @@ impl Selector {
         // Time one decision in DECISION_SAMPLE: two clock reads per decision would cost
         // more than most decisions.
         let timed = shard.decisions.get().is_multiple_of(DECISION_SAMPLE).then(Instant::now);
-        let picked = self.binding.pick(parts, client_ip, pool, exclude);
+        let choice = self.ask(parts, client_ip, pool, exclude);
         if let Some(started) = timed {
             shard.decision_time.observe(started.elapsed());
         }
-        match picked {
-            Ok(d) => match d.target {
-                Target::Backend(i) if !exclude.contains(&i) => Choice::Backend {
-                    index: i as usize,
-                    response_headers: self.allowed(d.response_headers),
-                    fallback: false,
-                },
+        choice
+    }
+
+    /// Asks the steps in order until one decides.
+    fn ask(
+        &self,
+        parts: &mut http::request::Parts,
+        client_ip: IpAddr,
+        pool: &Arc<PoolSnapshot>,
+        exclude: &[u32],
+    ) -> Choice {
+        let chain = self.is_chain();
+        // Headers from steps that passed (rare): kept for the one that decides.
+        let mut passed_headers: Vec<(String, String)> = Vec::new();
+        for (k, step) in self.steps.iter().enumerate() {
+            if chain {
+                step.shards.local().decisions.inc();
+            }
+            let d = match step.binding.pick(parts, client_ip, pool, exclude) {
+                Ok(d) => d,
+                // Quarantined, or this worker's instance is being built: not a new failure.
+                Err(e) if !e.kind.is_failure() => {
+                    self.metrics.fallbacks.inc();
+                    return self.fallback(pool, exclude, Vec::new(), Why::Failed);
+                }
+                Err(e) => {
+                    self.failed(step, e.kind, &e.message);
+                    return self.fallback(pool, exclude, Vec::new(), Why::Failed);
+                }
+            };
+            let why = Why::Step { step: k as u8, reason: d.reason };
+            let headers = if passed_headers.is_empty() {
+                d.response_headers
+            } else {
+                passed_headers.extend(d.response_headers);
+                std::mem::take(&mut passed_headers)
+            };
+            match d.target {
+                Target::Backend(i) if !exclude.contains(&i) => {
+                    return Choice::Backend {
+                        index: i as usize,
+                        response_headers: self.allowed(step, headers),
+                        fallback: false,
+                        why,
+                    };
+                }
                 Target::Backend(i) => {
                     self.failed(
+                        step,
                         PickErrorKind::BadAnswer,
                         &format!("picked backend {i}, which this request already tried"),
                     );
-                    self.fallback(pool, exclude)
+                    return self.fallback(pool, exclude, Vec::new(), Why::Failed);
                 }
                 Target::Reject(status, text) => {
-                    Choice::Reject { status, text, response_headers: self.allowed(d.response_headers) }
+                    return Choice::Reject { status, text, response_headers: self.allowed(step, headers), why };
                 }
-            },
-            // Quarantined, or this worker's instance is being built: not a new failure.
-            Err(e) if !e.kind.is_failure() => {
-                self.metrics.fallbacks.inc();
-                self.fallback(pool, exclude)
-            }
-            Err(e) => {
-                self.failed(e.kind, &e.message);
-                self.fallback(pool, exclude)
+                Target::Pass => {
+                    step.shards.local().passes.inc();
+                    passed_headers = headers;
+                }
             }
         }
+        // The last step passed too: the native round robin, counted as a fallback.
+        self.metrics.fallbacks.inc();
+        let headers = match self.steps.last() {
+            Some(last) if !passed_headers.is_empty() => self.allowed(last, passed_headers),
+            _ => passed_headers,
+        };
+        self.fallback(pool, exclude, headers, Why::AllPassed)
     }
 
     /// A plugin's response headers without those that would change the response's
     /// framing or the connection (`content-length`, `transfer-encoding`, `connection`,
     /// ...): those are dropped and counted.
-    fn allowed(&self, headers: Vec<(String, String)>) -> Vec<(String, String)> {
+    fn allowed(&self, step: &Step, headers: Vec<(String, String)>) -> Vec<(String, String)> {
+        if headers.is_empty() {
+            return headers;
+        }
         let (headers, dropped) = without_framing(headers);
         if dropped > 0 {
             self.metrics.dropped_headers.add(dropped as u64);
-            tracing::debug!(upstream = %self.binding.upstream(), dropped, "plugin response headers that set framing or hop-by-hop fields were dropped");
+            tracing::debug!(upstream = %step.binding.upstream(), plugin = %step.name, dropped, "plugin response headers that set framing or hop-by-hop fields were dropped");
         }
         headers
     }
 
-    fn failed(&self, kind: PickErrorKind, message: &str) {
+    fn failed(&self, step: &Step, kind: PickErrorKind, message: &str) {
         self.metrics.fallbacks.inc();
         let kind_index = match kind {
             PickErrorKind::Trap => 0,
@@ -174,9 +353,9 @@ impl Selector {
         if now.saturating_sub(last) >= Duration::from_secs(1).as_millis() as u64
             && self.last_logged_ms.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
         {
-            let plugin = self.binding.plugin();
+            let plugin = step.binding.plugin();
             tracing::warn!(
-                upstream = %self.binding.upstream(),
+                upstream = %step.binding.upstream(),
                 plugin = %plugin.name,
                 origin = %plugin.origin,
                 failure = ?kind,
@@ -186,16 +365,22 @@ impl Selector {
         }
     }
 
-    /// Native round robin over healthy members not in `exclude`.
-    fn fallback(&self, pool: &PoolSnapshot, exclude: &[u32]) -> Choice {
-        let healthy: Vec<usize> = (0..pool.members.len())
-            .filter(|&i| pool.members[i].status.healthy() && !exclude.contains(&(i as u32)))
-            .collect();
-        if healthy.is_empty() {
+    /// Native round robin over healthy members not in `exclude` (no allocation).
+    fn fallback(
+        &self,
+        pool: &PoolSnapshot,
+        exclude: &[u32],
+        response_headers: Vec<(String, String)>,
+        why: Why,
+    ) -> Choice {
+        let eligible = |&(i, m): &(usize, &crate::pool::Member)| m.status.healthy() && !exclude.contains(&(i as u32));
+        let n = pool.members.iter().enumerate().filter(eligible).count();
+        if n == 0 {
             return Choice::NoBackend;
         }
-        let turn = self.fallback_turn.fetch_add(1, Relaxed) as usize;
-        Choice::Backend { index: healthy[turn % healthy.len()], response_headers: Vec::new(), fallback: true }
+        let turn = self.fallback_turn.fetch_add(1, Relaxed) as usize % n;
+        let index = pool.members.iter().enumerate().filter(eligible).nth(turn).map_or(0, |(i, _)| i);
+        Choice::Backend { index, response_headers, fallback: true, why }
     }
 }
 

@@ -19,12 +19,15 @@
 //!
 //! On a retry the request goes to the next backend along the ring (or table) that it
 //! has not tried, so a key's second choice is stable too. A request without the key
-//! (no such header, cookie or param) is served round robin.
+//! (no such header, cookie or param) is served round robin, or passed to the next
+//! strategy of the upstream's chain with `on_miss: pass`.
 //!
 //! Params:
 //! - `key` (default `"client-ip"`): `"header:NAME"`, `"cookie:NAME"`, `"query:NAME"`,
 //!   `"path"` (the path without the query string) or `"client-ip"`.
 //! - `algorithm` (default `"ring"`): `"ring"` or `"maglev"`.
+//! - `on_miss` (default `"round-robin"`): a request without the key is served
+//!   `"round-robin"`, or `"pass"`ed so that the next strategy of the chain decides.
 //!
 //! ```yaml
 //! upstreams:
@@ -118,6 +121,8 @@ enum Algorithm {
 pub struct ConsistentHash {
     key: KeySource,
     algorithm: Algorithm,
+    /// Pass (let the next strategy decide) on a request without the key.
+    pass_on_miss: bool,
     pool: Pool,
     /// Ring: point hashes, ascending. Empty for Maglev.
     points: Vec<u64>,
@@ -130,6 +135,7 @@ impl Default for ConsistentHash {
         ConsistentHash {
             key: KeySource::ClientIp,
             algorithm: Algorithm::Ring,
+            pass_on_miss: false,
             pool: Pool::default(),
             points: Vec::new(),
             owners: Vec::new(),
@@ -267,8 +273,9 @@ impl Strategy for ConsistentHash {
             Some("maglev") => Algorithm::Maglev,
             _ => Algorithm::Ring,
         };
+        let pass_on_miss = p.one_of("on_miss", &["round-robin", "pass"])?.as_deref() == Some("pass");
         p.finish()?;
-        *self = ConsistentHash { key, algorithm, ..Default::default() };
+        *self = ConsistentHash { key, algorithm, pass_on_miss, ..Default::default() };
         Ok(())
     }
 
@@ -287,6 +294,9 @@ impl Strategy for ConsistentHash {
             return Decision::no_backend();
         }
         let Some(hash) = self.key.hash(req) else {
+            if self.pass_on_miss {
+                return Decision::pass();
+            }
             let turn = host::counter_add(COUNTER, 1) - 1;
             return self.pool.healthy_nth(turn as u64, exclude).map_or_else(Decision::no_backend, Decision::backend);
         };
@@ -502,7 +512,10 @@ mod tests {
             s.configure(r#"{"algorithm": "jump"}"#).unwrap_err(),
             "param 'algorithm': expected one of \"ring\", \"maglev\", got \"jump\""
         );
-        assert_eq!(s.configure(r#"{"keys": "path"}"#).unwrap_err(), "unknown param 'keys' (accepted: key, algorithm)");
+        assert_eq!(
+            s.configure(r#"{"keys": "path"}"#).unwrap_err(),
+            "unknown param 'keys' (accepted: key, algorithm, on_miss)"
+        );
         s.configure(r#"{"key": "header:X-Tenant", "algorithm": "maglev"}"#).unwrap();
         assert_eq!((s.key.clone(), s.algorithm), (KeySource::Header("x-tenant".into()), Algorithm::Maglev));
     }
@@ -571,5 +584,17 @@ mod tests {
             }
             prop_assert_eq!(d, s.pick(&key(k), &excl).backend_index(), "deterministic");
         }
+    }
+
+    #[test]
+    fn on_miss_pass_passes_a_request_without_the_key() {
+        let mut s = ConsistentHash::default();
+        s.configure(r#"{"key": "header:x-user", "on_miss": "pass"}"#).unwrap();
+        s.pool_changed(1, vec![backend("a", 1, true), backend("b", 1, true)]);
+        assert!(s.pick(&TestRequest::new(), &[]).is_pass());
+        let keyed = TestRequest::new().header("x-user", "42");
+        let first = s.pick(&keyed, &[]);
+        assert!(first.backend_index().is_some());
+        assert_eq!(s.pick(&keyed, &[]), first, "the same key, the same backend");
     }
 }

@@ -19,6 +19,10 @@
 //! - `ttl_s` (positive integer, default 3600): the cookie's `Max-Age`, in seconds.
 //! - `fallback` (`"round-robin"` or `"random"`, default `"round-robin"`): how new clients
 //!   are assigned.
+//! - `on_miss` (`"assign"` or `"pass"`, default `"assign"`): what to do with a request
+//!   without a cookie naming a healthy backend: assign one by `fallback` and set the
+//!   cookie, or pass, so that the next strategy of the upstream's chain decides (e.g.
+//!   `strategy: [{plugin: sticky-cookie, params: {on_miss: pass}}, {plugin: consistent-hash}]`).
 //!
 //! ```yaml
 //! upstreams:
@@ -51,6 +55,8 @@ pub struct StickyCookie {
     cookie: String,
     ttl_s: u64,
     fallback: Fallback,
+    /// Pass (let the next strategy decide) when the cookie names no usable backend.
+    pass_on_miss: bool,
     pool: Pool,
     /// Encoded backend id (the cookie value) → index.
     by_id: HashMap<String, u32, StableBuildHasher>,
@@ -64,6 +70,7 @@ impl Default for StickyCookie {
             cookie: "lb".into(),
             ttl_s: 3600,
             fallback: Fallback::RoundRobin,
+            pass_on_miss: false,
             pool: Pool::default(),
             by_id: HashMap::default(),
             set_cookie: Vec::new(),
@@ -132,8 +139,9 @@ impl Strategy for StickyCookie {
             Some("random") => Fallback::Random,
             _ => Fallback::RoundRobin,
         };
+        let pass_on_miss = p.one_of("on_miss", &["assign", "pass"])?.as_deref() == Some("pass");
         p.finish()?;
-        *self = StickyCookie { cookie, ttl_s, fallback, ..Default::default() };
+        *self = StickyCookie { cookie, ttl_s, fallback, pass_on_miss, ..Default::default() };
         Ok(())
     }
 
@@ -154,6 +162,9 @@ impl Strategy for StickyCookie {
     fn pick(&mut self, req: &dyn Request, exclude: &[u32]) -> Decision {
         if let Some(index) = self.sticky(req, exclude) {
             return Decision::backend(index);
+        }
+        if self.pass_on_miss {
+            return Decision::pass();
         }
         match self.assign(exclude) {
             Some(index) => Decision::backend(index).with_header("set-cookie", self.set_cookie[index as usize].clone()),
@@ -290,7 +301,7 @@ mod tests {
         );
         assert_eq!(
             s.configure(r#"{"name": "x"}"#).unwrap_err(),
-            "unknown param 'name' (accepted: cookie, ttl_s, fallback)"
+            "unknown param 'name' (accepted: cookie, ttl_s, fallback, on_miss)"
         );
         assert!(s.configure(r#"{"cookie": "SESSION_LB", "ttl_s": 10, "fallback": "random"}"#).is_ok());
         assert_eq!((s.cookie.as_str(), s.ttl_s, s.fallback), ("SESSION_LB", 10, Fallback::Random));
@@ -361,5 +372,17 @@ mod tests {
                 None => prop_assert!(!left),
             }
         }
+    }
+
+    #[test]
+    fn on_miss_pass_passes_without_a_usable_cookie_and_keeps_sticky_clients() {
+        let mut s = strategy(r#"{"on_miss": "pass"}"#, &[true, true, false]);
+        assert!(s.pick(&TestRequest::new(), &[]).is_pass(), "no cookie: no opinion");
+        let req = |id: &str| TestRequest::new().header("cookie", &format!("lb={}", encode_id(id)));
+        assert_eq!(s.pick(&req("10.0.0.1:8080"), &[]), Decision::backend(1));
+        assert!(s.pick(&req("10.0.0.2:8080"), &[]).is_pass(), "the cookie names a backend that is down");
+        assert!(s.pick(&req("10.0.0.1:8080"), &[1]).is_pass(), "a retry: its backend was tried");
+        let mut bad = StickyCookie::default();
+        assert!(bad.configure(r#"{"on_miss": "skip"}"#).unwrap_err().contains("on_miss"));
     }
 }

@@ -12,6 +12,10 @@
 //! 3. `default_zone`;
 //! 4. none: all healthy backends, round robin.
 //!
+//! With `on_miss: pass`, a request whose zone has no healthy backend left (or that has
+//! no zone) is passed to the next strategy of the upstream's chain instead of going
+//! round robin over all healthy backends.
+//!
 //! Prefixes are flattened into disjoint ranges when the params are read, so a lookup is
 //! one binary search however many prefixes there are. Backends are grouped by zone when
 //! the pool changes. Each zone has its own round-robin counter in the host, shared by
@@ -24,6 +28,8 @@
 //! - `header` (string, default none): the request header naming the client's zone.
 //! - `header_zones` (object, header value → zone, default none; needs `header`).
 //! - `default_zone` (string, default none): the zone of clients placed by neither.
+//! - `on_miss` (`"round-robin"` or `"pass"`, default `"round-robin"`): what happens to a
+//!   request with no zone match.
 //!
 //! ```yaml
 //! upstreams:
@@ -192,6 +198,8 @@ pub struct ZoneAware {
     /// Lower-case header value → zone number.
     header_zones: Option<HashMap<String, u32, StableBuildHasher>>,
     default_zone: Option<u32>,
+    /// Pass (let the next strategy decide) when no zone matches.
+    pass_on_miss: bool,
     pool: Pool,
     /// Zone name → its healthy backends.
     groups: HashMap<String, Group, StableBuildHasher>,
@@ -256,9 +264,10 @@ impl Strategy for ZoneAware {
         let header = p.non_empty_string("header")?;
         let header_zones = p.string_map("header_zones")?;
         let default_zone = p.non_empty_string("default_zone")?;
+        let pass_on_miss = p.one_of("on_miss", &["round-robin", "pass"])?.as_deref() == Some("pass");
         p.finish()?;
 
-        let mut s = ZoneAware::default();
+        let mut s = ZoneAware { pass_on_miss, ..ZoneAware::default() };
         let mut numbered = Vec::new();
         for (spec, zone) in cidrs.unwrap_or_default() {
             if zone.trim().is_empty() {
@@ -328,6 +337,9 @@ impl Strategy for ZoneAware {
             && let Some(i) = round_robin(&g.members, &g.counter, exclude)
         {
             return Decision::backend(i);
+        }
+        if self.pass_on_miss {
+            return Decision::pass();
         }
         round_robin(self.pool.healthy(), ALL_COUNTER, exclude).map_or_else(Decision::no_backend, Decision::backend)
     }
@@ -518,7 +530,7 @@ mod tests {
                 "param 'header': \"x region\" is not a valid header name (e.g. \"x-region\")",
             ),
             (r#"{"default_zone": 3}"#, "param 'default_zone': expected a string, got the number 3"),
-            (r#"{"zone": "a"}"#, "unknown param 'zone' (accepted: cidrs, header, header_zones, default_zone)"),
+            (r#"{"zone": "a"}"#, "unknown param 'zone' (accepted: cidrs, header, header_zones, default_zone, on_miss)"),
         ];
         for (params, expected) in cases {
             assert_eq!(s.configure(params).unwrap_err(), expected, "{params}");
@@ -598,5 +610,15 @@ mod tests {
                 prop_assert!(table.lookup(IpAddr::from(std::net::Ipv4Addr::from(ip))) == expected, "{:?}", specs);
             }
         }
+    }
+
+    #[test]
+    fn on_miss_pass_passes_when_no_zone_matches() {
+        let mut s = strategy(r#"{"header": "x-region", "on_miss": "pass"}"#, regions());
+        let eu = TestRequest::new().header("x-region", "eu-west");
+        assert!(matches!(s.pick(&eu, &[]).backend_index(), Some(0 | 1)));
+        assert!(s.pick(&TestRequest::new(), &[]).is_pass(), "no zone");
+        assert!(s.pick(&TestRequest::new().header("x-region", "mars"), &[]).is_pass(), "a zone with no backend");
+        assert!(s.pick(&eu, &[0, 1]).is_pass(), "a retry that tried the whole zone");
     }
 }

@@ -3,7 +3,7 @@
 // A test plugin (see ../README.md). Built by scripts/build-guest-plugins.sh with
 // componentize-js (StarlingMonkey: s64 is BigInt).
 
-import * as host from "gateway:selector/host@0.2.0";
+import * as host from "gateway:selector/host@0.3.0";
 
 let healthy = [];
 
