@@ -22,7 +22,7 @@ rustup target add wasm32-unknown-unknown wasm32-wasip2 >/dev/null
 # The guest-language toolchains run on Python 3 (with venv) and Node.js 18+ with npm;
 # gateway/tests/stats_page.rs drives a real headless Chromium (under CI it fails without one);
 # gateway/tests/observability.rs runs a real Prometheus against the gateway (same rule).
-step "system packages (guest-language toolchains, Chromium, Prometheus, curl, openssl, h2load, dnsmasq)"
+step "system packages (guest-language toolchains, Chromium, Prometheus, curl, openssl, h2load, dnsmasq, protoc, etcd)"
 missing=()
 command -v chromium >/dev/null || missing+=(chromium)
 command -v python3 >/dev/null || missing+=(python3)
@@ -42,11 +42,16 @@ command -v prlimit >/dev/null || missing+=(util-linux)
 # loopback port). dnsmasq-base is the binary without the system service that the
 # `dnsmasq` package would start on port 53.
 command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || missing+=(dnsmasq-base)
+# The gateway's etcd client generates its gRPC code at build time with protoc; a real etcd
+# (3.4, /usr/bin/etcd) for gateway/tests/discovery_etcd.rs, started by the test on loopback
+# ports with its data in a temporary directory.
+command -v protoc >/dev/null || missing+=(protobuf-compiler)
+command -v etcd >/dev/null || [ -x /usr/bin/etcd ] || missing+=(etcd-server)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
   command -v apt-get >/dev/null || {
-    echo "missing: ${missing[*]}; install them (Python 3 with venv, Node.js 18+ and npm, Chromium, Prometheus, curl, openssl, nghttp2-client, dnsmasq) and run again" >&2
+    echo "missing: ${missing[*]}; install them (Python 3 with venv, Node.js 18+ and npm, Chromium, Prometheus, curl, openssl, nghttp2-client, dnsmasq, protobuf-compiler, etcd-server) and run again" >&2
     exit 1
   }
   echo "installing ${missing[*]} with apt-get"

@@ -147,7 +147,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     use http_body_util::BodyExt as _;
-    let reg = &gw.discovery.registry;
+    let reg = &gw.discovery;
     let answer = |r: Result<serde_json::Value, crate::discovery::registry::Refused>| match r {
         Ok(v) => json_response(StatusCode::OK, v),
         Err(e) => {
@@ -173,8 +173,8 @@ where
             };
             answer(reg.register(gw.upstream(up).as_deref(), up, id, &bytes).await)
         }
-        (&Method::PUT, [up, id, "heartbeat"]) => answer(reg.heartbeat(gw.upstream(up).as_deref(), up, id)),
-        (&Method::DELETE, [up, id]) => answer(reg.deregister(gw.upstream(up).as_deref(), up, id)),
+        (&Method::PUT, [up, id, "heartbeat"]) => answer(reg.heartbeat(gw.upstream(up).as_deref(), up, id).await),
+        (&Method::DELETE, [up, id]) => answer(reg.deregister(gw.upstream(up).as_deref(), up, id).await),
         _ => error(
             StatusCode::NOT_FOUND,
             format!(

@@ -319,16 +319,17 @@ fn check_discovery(name: &str, up: &super::Upstream) -> Result<(), Problem> {
             return Err((
                 field("backends"),
                 Some(format!("{name}:")),
-                "no backends: list at least one, or let `discovery` (registry or dns) find them".into(),
+                "no backends: list at least one, or let `discovery` (registry, dns or etcd) find them".into(),
             ));
         }
         return Ok(());
     };
-    if d.registry.is_some() == d.dns.is_some() {
+    let sources = [d.registry.is_some(), d.dns.is_some(), d.etcd.is_some()];
+    if sources.iter().filter(|s| **s).count() != 1 {
         return Err((
             field("discovery"),
             Some("discovery".into()),
-            "set exactly one source: `registry` or `dns`".into(),
+            "set exactly one source: `registry`, `dns` or `etcd`".into(),
         ));
     }
     if let Some(r) = &d.registry {
@@ -347,6 +348,9 @@ fn check_discovery(name: &str, up: &super::Upstream) -> Result<(), Problem> {
                 "must be at least 1".into(),
             ));
         }
+    }
+    if let Some(etcd) = &d.etcd {
+        check_etcd(name, etcd)?;
     }
     if let Some(dns) = &d.dns {
         if dns.name.trim().is_empty() {
@@ -387,6 +391,58 @@ fn check_discovery(name: &str, up: &super::Upstream) -> Result<(), Problem> {
         }
     }
     Ok(())
+}
+
+fn check_etcd(name: &str, etcd: &super::EtcdSource) -> Result<(), Problem> {
+    let field = |f: &str| format!("upstreams.{name}.discovery.etcd.{f}");
+    if etcd.endpoints.is_empty() {
+        return Err((
+            field("endpoints"),
+            Some("endpoints".into()),
+            "is empty: list the etcd client URLs, e.g. [http://127.0.0.1:2379]".into(),
+        ));
+    }
+    for e in &etcd.endpoints {
+        if let Err(why) = check_etcd_endpoint(e) {
+            return Err((field("endpoints"), Some(e.clone()), format!("`{e}` {why}")));
+        }
+    }
+    if etcd.prefix.is_empty() || !etcd.prefix.starts_with('/') {
+        return Err((
+            field("prefix"),
+            Some("prefix".into()),
+            format!("`{}` must start with `/` (e.g. /gateway/): keys are {{prefix}}{{upstream}}/{{id}}", etcd.prefix),
+        ));
+    }
+    if etcd.timeout.is_zero() {
+        return Err((field("timeout"), Some("timeout".into()), "must be longer than 0s (e.g. 2s)".into()));
+    }
+    let (lo, hi) = TTL_RANGE;
+    if etcd.default_ttl < lo || etcd.default_ttl > hi {
+        return Err((
+            field("default_ttl"),
+            Some("default_ttl".into()),
+            format!("{:?} is out of range: from {lo:?} to {hi:?}", etcd.default_ttl),
+        ));
+    }
+    if etcd.max_instances == 0 {
+        return Err((field("max_instances"), Some("max_instances".into()), "must be at least 1".into()));
+    }
+    Ok(())
+}
+
+/// An etcd client URL the gateway can use: `http://host:port` or `host:port`.
+fn check_etcd_endpoint(e: &str) -> Result<(), String> {
+    if e.starts_with("https://") {
+        return Err("uses TLS, which the gateway's etcd client is built without: use http:// (or a local TLS-terminating proxy)".into());
+    }
+    let rest = e.strip_prefix("http://").unwrap_or(e).trim_end_matches('/');
+    match rest.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !rest.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Ok(())
+        }
+        _ => Err("is not an etcd client URL: expected http://host:port (e.g. http://127.0.0.1:2379)".into()),
+    }
 }
 
 /// A DNS server address: `IP:PORT`, `[IPv6]:PORT`, or an IP (port 53).
@@ -640,7 +696,7 @@ mod tests {
         let e = err("upstreams:\n  web:\n    strategy: {plugin: round-robin}\n");
         assert_eq!(
             e,
-            "gw.yaml:2: upstreams.web.backends: no backends: list at least one, or let `discovery` (registry or dns) find them"
+            "gw.yaml:2: upstreams.web.backends: no backends: list at least one, or let `discovery` (registry, dns or etcd) find them"
         );
         let e = err("upstreams:\n  web:\n    backends: []\n");
         assert!(e.contains("upstreams.web.backends"), "{e}");
@@ -664,12 +720,45 @@ mod tests {
     }
 
     #[test]
+    fn etcd_discovery_parses_with_its_defaults_and_its_mistakes_are_named() {
+        let c = from_yaml(
+            Path::new("gw.yaml"),
+            "upstreams:\n  api:\n    discovery:\n      etcd: {endpoints: [http://127.0.0.1:2379, 10.0.0.2:2379]}\n",
+        )
+        .unwrap();
+        let e = c.upstreams["api"].discovery.as_ref().unwrap().etcd.as_ref().unwrap();
+        assert_eq!(
+            (e.prefix.as_str(), e.timeout, e.default_ttl, e.max_instances),
+            ("/gateway/", std::time::Duration::from_secs(2), std::time::Duration::from_secs(10), 10_000)
+        );
+        assert!(check_registry_listener(&c).is_ok(), "etcd needs no admin listener");
+        let up = |d: &str| err(&format!("upstreams:\n  api:\n    discovery:\n{d}"));
+        let e = up("      etcd: {endpoints: []}\n");
+        assert!(e.contains("upstreams.api.discovery.etcd.endpoints: is empty"), "{e}");
+        let e = up(
+            "      etcd:\n        endpoints:\n          - http://127.0.0.1:2379\n          - https://etcd.example:2379\n",
+        );
+        assert!(
+            e.starts_with("gw.yaml:7: upstreams.api.discovery.etcd.endpoints: `https://etcd.example:2379` uses TLS"),
+            "{e}"
+        );
+        let e = up("      etcd: {endpoints: [\"127.0.0.1\"]}\n");
+        assert!(e.contains("is not an etcd client URL"), "{e}");
+        let e = up("      etcd: {endpoints: [\"127.0.0.1:2379\"], prefix: gateway}\n");
+        assert!(e.contains("upstreams.api.discovery.etcd.prefix: `gateway` must start with `/`"), "{e}");
+        let e = up("      etcd: {endpoints: [\"127.0.0.1:2379\"], default_ttl: 2h}\n");
+        assert!(e.contains("discovery.etcd.default_ttl") && e.contains("out of range"), "{e}");
+        let e = up("      etcd: {endpoints: [\"127.0.0.1:2379\"]}\n      dns: {name: x, port: 80}\n");
+        assert!(e.contains("set exactly one source: `registry`, `dns` or `etcd`"), "{e}");
+    }
+
+    #[test]
     fn discovery_mistakes_are_named() {
         let up = |d: &str| err(&format!("admin: {{address: 127.0.0.1:0}}\nupstreams:\n  web:\n    discovery:\n{d}"));
         let e = up("      registry: {}\n      dns: {name: x, port: 80}\n");
         assert!(e.contains("upstreams.web.discovery: set exactly one source"), "{e}");
         let e = up("      etcdd: {}\n");
-        assert!(e.contains("unknown field `etcdd`, expected `registry` or `dns`"), "{e}");
+        assert!(e.contains("unknown field `etcdd`, expected one of `registry`, `dns`, `etcd`"), "{e}");
         let e = up("      dns: {name: books.test}\n");
         assert!(e.contains("upstreams.web.discovery.dns.port") && e.contains("port"), "{e}");
         let e = up("      dns: {name: _b._tcp.test, type: srv, port: 80}\n");

@@ -281,6 +281,36 @@ pub struct Discovery {
     /// Backends are the answers to a DNS query.
     #[serde(default)]
     pub dns: Option<DnsSource>,
+    /// Backends are the keys under a prefix in etcd, shared by a fleet of gateways.
+    #[serde(default)]
+    pub etcd: Option<EtcdSource>,
+}
+
+/// `discovery.etcd`: the backends are the keys `{prefix}{upstream}/{id}` in etcd, whose
+/// values are registration JSON (`{"address", "weight", "zone", "labels"}`); the gateway
+/// reads them, then watches the prefix. The registry API
+/// (`PUT /api/registry/{upstream}/{id}`) writes to etcd for such an upstream, under a
+/// lease of the registration's TTL, so every replica sees what any replica accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdSource {
+    /// etcd client URLs, `http://host:port` (or `host:port`); requests go to any of them.
+    pub endpoints: Vec<String>,
+    /// Key prefix; an upstream's instances are the keys `{prefix}{upstream}/{id}`.
+    /// Default `/gateway/`.
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+    /// Bound on connecting and on each etcd request (a read, a write, starting the
+    /// watch). Default 2s.
+    #[serde(default = "default_etcd_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Lease TTL of a registration through the registry API that names none. Default 10s.
+    #[serde(default = "default_registry_ttl", with = "humantime_serde")]
+    pub default_ttl: Duration,
+    /// Most instances taken from etcd; more keys are ignored (logged) and the registry
+    /// API refuses more (`409`). Default 10000.
+    #[serde(default = "default_max_instances")]
+    pub max_instances: usize,
 }
 
 /// `discovery.registry`: instances register, heartbeat and deregister over HTTP.
@@ -696,6 +726,12 @@ fn default_registry_ttl() -> Duration {
 }
 fn default_max_instances() -> usize {
     10_000
+}
+fn default_etcd_prefix() -> String {
+    "/gateway/".into()
+}
+fn default_etcd_timeout() -> Duration {
+    Duration::from_secs(2)
 }
 fn default_dns_refresh() -> Duration {
     Duration::from_secs(5)

@@ -11,11 +11,13 @@
 //! - an instance that left is dropped from the snapshot: it gets no new requests, and
 //!   requests in flight finish (they hold the entry).
 //!
-//! The built-in sources: the embedded [`registry`] (an HTTP API on the admin listener) and
-//! [`dns`] (A/AAAA/SRV records, re-resolved). Another source (etcd) is one more task that
-//! calls [`publish`] with its set. Nothing here runs on the request path.
+//! The built-in sources: the embedded [`registry`] (an HTTP API on the admin listener),
+//! [`dns`] (A/AAAA/SRV records, re-resolved) and [`etcd`] (a prefix read and watched, shared
+//! by a fleet of gateways; the registry API writes there for such an upstream). Nothing
+//! here runs on the request path.
 
 pub mod dns;
+pub mod etcd;
 pub mod registry;
 pub mod sidecar;
 
@@ -27,7 +29,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
-pub use registry::Registry;
+pub use registry::{Refused, Registry};
+use serde_json::Value;
 
 /// One discovered backend instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,7 +168,7 @@ pub type Lookup = Arc<dyn Fn(&str) -> Option<Arc<Upstream>> + Send + Sync>;
 /// How a source is doing, for the admin API.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct SourceState {
-    /// `registry` or `dns`.
+    /// `registry`, `dns` or `etcd`.
     pub source: &'static str,
     /// When it last published a set (ms since the Unix epoch; 0: never).
     pub last_update_ms: u64,
@@ -175,16 +178,27 @@ pub struct SourceState {
     pub last_error: Option<String>,
     /// When that error happened.
     pub last_error_ms: Option<u64>,
-    /// Failed lookups since start.
+    /// Failed lookups (DNS) or lost connections and failed reads (etcd) since start.
     pub errors: u64,
+    /// etcd: whether the source is connected (its watch running) now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connected: Option<bool>,
+    /// etcd: the last revision read or watched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
+    /// etcd: full reads of the prefix after a compaction cancelled the watch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relists: Option<u64>,
 }
 
 /// The discovery sources of a running gateway: the registry (which outlives config
-/// reloads), the per-view source tasks (DNS), and their states.
+/// reloads), the per-view source tasks (DNS, etcd), and their states.
 #[derive(Debug, Default)]
 pub struct Sources {
     /// The embedded registry.
     pub registry: Arc<Registry>,
+    /// The etcd source of each upstream that has one (the registry API writes through it).
+    etcd: Mutex<HashMap<String, Arc<etcd::Etcd>>>,
     states: Arc<Mutex<HashMap<String, SourceState>>>,
     running: Mutex<Option<CancellationToken>>,
 }
@@ -202,12 +216,23 @@ impl Sources {
             old.cancel();
         }
         let tasks = stop.child_token();
+        let mut etcds = self.etcd.lock().unwrap_or_else(|e| e.into_inner());
+        etcds.clear();
         let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
-        states.retain(|name, _| upstreams.iter().any(|u| &u.name == name && source_of(&u.config).is_some()));
+        states.retain(|name, s| {
+            upstreams
+                .iter()
+                .any(|u| &u.name == name && source_of(&u.config).is_some_and(|src| src.as_str() == s.source))
+        });
         for up in upstreams {
             let (Some(d), Some(source)) = (&up.config.discovery, source_of(&up.config)) else { continue };
             let state = states.entry(up.name.clone()).or_default();
             state.source = source.as_str();
+            if let Some(cfg) = &d.etcd {
+                let source = Arc::new(etcd::Etcd::new(up.name.clone(), cfg.clone()));
+                etcds.insert(up.name.clone(), source.clone());
+                tokio::spawn(etcd::run(source, lookup.clone(), self.states.clone(), tasks.clone()));
+            }
             if let Some(dns) = &d.dns {
                 tokio::spawn(dns::run(
                     up.name.clone(),
@@ -219,6 +244,7 @@ impl Sources {
             }
         }
         drop(states);
+        drop(etcds);
         self.registry.sync(upstreams);
         *running = Some(tasks);
     }
@@ -227,14 +253,67 @@ impl Sources {
     pub fn states(&self) -> HashMap<String, SourceState> {
         self.states.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    /// The etcd source the registry API writes through for `up`, if it has
+    /// `discovery.etcd` (`503` while it is not started).
+    fn etcd_of(&self, up: Option<&Upstream>) -> Option<Result<Arc<etcd::Etcd>, Refused>> {
+        let up = up?;
+        up.config.discovery.as_ref()?.etcd.as_ref()?;
+        let found = self.etcd.lock().unwrap_or_else(|e| e.into_inner()).get(&up.name).cloned();
+        Some(found.ok_or_else(|| {
+            Refused::new(
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                "etcd",
+                format!("the etcd source of upstream `{}` is not started yet: try again", up.name),
+            )
+        }))
+    }
+
+    /// `PUT /api/registry/{upstream}/{id}`: into the embedded registry, or into etcd for
+    /// an upstream with `discovery.etcd`.
+    pub async fn register(&self, up: Option<&Upstream>, name: &str, id: &str, body: &[u8]) -> Result<Value, Refused> {
+        match self.etcd_of(up) {
+            Some(etcd) => etcd?.register(up, id, body).await,
+            None => self.registry.register(up, name, id, body).await,
+        }
+    }
+
+    /// `PUT /api/registry/{upstream}/{id}/heartbeat`: renews the registration (the etcd
+    /// lease for an upstream with `discovery.etcd`).
+    pub async fn heartbeat(&self, up: Option<&Upstream>, name: &str, id: &str) -> Result<Value, Refused> {
+        match self.etcd_of(up) {
+            Some(etcd) => etcd?.heartbeat(id).await,
+            None => self.registry.heartbeat(up, name, id),
+        }
+    }
+
+    /// `DELETE /api/registry/{upstream}/{id}`: deregisters (deletes the etcd key and
+    /// revokes its lease for an upstream with `discovery.etcd`).
+    pub async fn deregister(&self, up: Option<&Upstream>, name: &str, id: &str) -> Result<Value, Refused> {
+        match self.etcd_of(up) {
+            Some(etcd) => etcd?.deregister(id).await,
+            None => self.registry.deregister(up, name, id),
+        }
+    }
+
+    /// `GET /api/registry`: the registry's upstreams, then the etcd ones.
+    pub fn list(&self, upstreams: &[Arc<Upstream>]) -> Value {
+        let mut all = self.registry.list(upstreams);
+        let etcds = self.etcd.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(list) = all["upstreams"].as_array_mut() {
+            list.extend(upstreams.iter().filter_map(|u| etcds.get(&u.name)).map(|e| e.list()));
+        }
+        all
+    }
 }
 
 /// The upstream's discovery source, if its config has one.
 pub fn source_of(cfg: &config::Upstream) -> Option<Source> {
     let d = cfg.discovery.as_ref()?;
-    match (&d.registry, &d.dns) {
-        (Some(_), _) => Some(Source::Registry),
-        (_, Some(_)) => Some(Source::Dns),
+    match (&d.registry, &d.dns, &d.etcd) {
+        (Some(_), _, _) => Some(Source::Registry),
+        (_, Some(_), _) => Some(Source::Dns),
+        (_, _, Some(_)) => Some(Source::Etcd),
         _ => None,
     }
 }

@@ -69,7 +69,7 @@ pub struct Refused {
 }
 
 impl Refused {
-    fn new(status: StatusCode, field: &'static str, message: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, field: &'static str, message: impl Into<String>) -> Self {
         Refused { status, message: message.into(), field }
     }
 
@@ -111,13 +111,25 @@ fn settings<'a>(up: Option<&'a Upstream>, name: &str) -> Result<&'a RegistrySour
         Refused::new(
             StatusCode::CONFLICT,
             "upstream",
-            format!("upstream `{name}` does not take registrations: its config has no `discovery.registry`"),
+            format!("upstream `{name}` does not take registrations: its config has no `discovery.registry` (nor `discovery.etcd`)"),
         )
     })
 }
 
+/// Refuses an id a static backend of the upstream has.
+pub(super) fn static_id(up: Option<&Upstream>, name: &str, id: &str) -> Result<(), Refused> {
+    if up.is_some_and(|u| u.config.backends.iter().any(|b| b.id() == id)) {
+        return Err(Refused::new(
+            StatusCode::CONFLICT,
+            "id",
+            format!("upstream `{name}` has a static backend with the id `{id}`: register under another id"),
+        ));
+    }
+    Ok(())
+}
+
 /// An instance id: 1 to 128 characters of `A-Z a-z 0-9 - . _ : ~ @`.
-fn check_id(id: &str) -> Result<(), Refused> {
+pub(super) fn check_id(id: &str) -> Result<(), Refused> {
     let ok =
         !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._:~@".contains(&b));
     if ok {
@@ -154,6 +166,52 @@ fn parse(body: &[u8]) -> Result<Registration, Refused> {
     })
 }
 
+/// A registration body checked as the API checks it.
+pub(super) struct Checked {
+    /// The instance it describes.
+    pub instance: Instance,
+    /// Its TTL (the body's, or the default).
+    pub ttl: Duration,
+    /// The body in its normal form (what the etcd source stores).
+    pub normal: Value,
+}
+
+/// Checks a registration of instance `id`: its id, body, address (a host name is looked
+/// up now), weight and TTL; errors name the field. The registry API and the etcd source
+/// (for its values) both take a registration through here.
+pub(super) async fn check(id: &str, body: &[u8], default_ttl: Duration) -> Result<Checked, Refused> {
+    check_id(id)?;
+    let reg = parse(body)?;
+    let addr = resolve(&reg.address).await?;
+    if reg.weight == 0 {
+        return Err(Refused::new(StatusCode::BAD_REQUEST, "weight", "weight: must be at least 1"));
+    }
+    let ttl = reg.ttl.unwrap_or(default_ttl);
+    let (lo, hi) = config::TTL_RANGE;
+    if ttl < lo || ttl > hi {
+        return Err(Refused::new(
+            StatusCode::BAD_REQUEST,
+            "ttl",
+            format!("ttl: {ttl:?} is out of range: from {lo:?} to {hi:?} (heartbeats come every third of it)"),
+        ));
+    }
+    let normal = json!({
+        "address": reg.address,
+        "weight": reg.weight,
+        "zone": reg.zone,
+        "labels": reg.labels,
+        "ttl": humantime_serde::re::humantime::format_duration(ttl).to_string(),
+    });
+    let instance = Instance {
+        id: id.to_owned(),
+        addr,
+        weight: reg.weight,
+        zone: reg.zone,
+        labels: reg.labels.into_iter().collect(),
+    };
+    Ok(Checked { instance, ttl, normal })
+}
+
 /// `host:port` to a socket address; a host name is looked up once, now.
 async fn resolve(address: &str) -> Result<SocketAddr, Refused> {
     let bad = |why: &str| {
@@ -183,34 +241,9 @@ impl Registry {
     pub async fn register(&self, up: Option<&Upstream>, name: &str, id: &str, body: &[u8]) -> Result<Value, Refused> {
         let cfg = settings(up, name)?.clone();
         check_id(id)?;
-        if up.is_some_and(|u| u.config.backends.iter().any(|b| b.id() == id)) {
-            return Err(Refused::new(
-                StatusCode::CONFLICT,
-                "id",
-                format!("upstream `{name}` has a static backend with the id `{id}`: register under another id"),
-            ));
-        }
-        let reg = parse(body)?;
-        let addr = resolve(&reg.address).await?;
-        if reg.weight == 0 {
-            return Err(Refused::new(StatusCode::BAD_REQUEST, "weight", "weight: must be at least 1"));
-        }
-        let ttl = reg.ttl.unwrap_or(cfg.default_ttl);
-        let (lo, hi) = config::TTL_RANGE;
-        if ttl < lo || ttl > hi {
-            return Err(Refused::new(
-                StatusCode::BAD_REQUEST,
-                "ttl",
-                format!("ttl: {ttl:?} is out of range: from {lo:?} to {hi:?} (heartbeats come every third of it)"),
-            ));
-        }
-        let instance = Instance {
-            id: id.to_owned(),
-            addr,
-            weight: reg.weight,
-            zone: reg.zone,
-            labels: reg.labels.into_iter().collect(),
-        };
+        static_id(up, name, id)?;
+        let Checked { instance, ttl, .. } = check(id, body, cfg.default_ttl).await?;
+        let addr = instance.addr;
         let now_ms = crate::metrics::now_ms();
         let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
         let table = tables.entry(name.to_owned()).or_default();

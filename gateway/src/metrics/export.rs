@@ -277,8 +277,20 @@ impl prometheus_client::collector::Collector for Scrape {
         counter(
             &mut enc,
             "discovery_errors",
-            "Failed discovery lookups (DNS); the last known backends kept serving.",
+            "Failed discovery lookups (DNS) or lost etcd connections; the last known backends kept serving.",
             &errors,
+        )?;
+        let connected: Vec<_> = sources
+            .iter()
+            .filter_map(|(name, s)| {
+                s.connected.map(|c| (vec![("upstream", name.as_str()), ("source", s.source)], i64::from(c)))
+            })
+            .collect();
+        gauge(
+            &mut enc,
+            "discovery_connected",
+            "1 while the discovery source (etcd) is connected and watching, 0 while it keeps the last known backends.",
+            &connected,
         )?;
         counter(&mut enc, "backend_ejections", "Passive ejections after consecutive failures.", &ejections)?;
         counter(

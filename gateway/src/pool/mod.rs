@@ -25,6 +25,8 @@ pub enum Source {
     Registry,
     /// Resolved from DNS (A/AAAA or SRV records).
     Dns,
+    /// Read and watched from etcd.
+    Etcd,
 }
 
 impl Source {
@@ -34,6 +36,7 @@ impl Source {
             Source::Static => "static",
             Source::Registry => "registry",
             Source::Dns => "dns",
+            Source::Etcd => "etcd",
         }
     }
 }
