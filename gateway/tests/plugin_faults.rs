@@ -52,19 +52,6 @@ fn assert_failure_logged(gw: &Gateway, plugin: &str) -> String {
     message(&warning).to_owned()
 }
 
-/// A row of table 2 (hostile plugins) of docs/reliability.md.
-fn record(plugin: &str, answered: String, rss: (u64, u64), operator_sees: &str) {
-    report::record(
-        "hostile-plugins",
-        serde_json::json!({
-            "plugin": plugin,
-            "requests answered": answered,
-            "RSS before, after (KiB)": format!("{}, {}", rss.0, rss.1),
-            "what the operator sees": operator_sees,
-        }),
-    );
-}
-
 #[test]
 fn trapping_override_of_a_builtin_falls_back_on_every_request() {
     let dir = TempDir::new();
@@ -77,7 +64,7 @@ fn trapping_override_of_a_builtin_falls_back_on_every_request() {
     let seen = serve_all(&gw, &[&b1, &b2], 20, Duration::from_secs(2));
     assert_eq!(seen.len(), 2, "the fallback round robin used only {seen:?}");
     let warning = assert_failure_logged(&gw, "round-robin");
-    record("trap in `pick`", "20 of 20 (the fallback)".into(), (before, gw.rss_kib()), &warning);
+    report::hostile_plugin("trap in `pick`", "20 of 20 (the fallback)".into(), (before, gw.rss_kib()), &warning);
     assert!(gw.is_running());
 }
 
@@ -94,7 +81,12 @@ fn spinning_plugin_is_stopped_by_the_deadline() {
     let seen = serve_all(&gw, &[&b1, &b2], 50, Duration::from_secs(1));
     assert_eq!(seen.len(), 2, "the fallback round robin used only {seen:?}");
     let warning = assert_failure_logged(&gw, "round-robin");
-    record("infinite loop in `pick`", "50 of 50 (the fallback)".into(), (before, gw.rss_kib()), &warning);
+    report::hostile_plugin(
+        "infinite loop in `pick`",
+        "50 of 50 (the fallback)".into(),
+        (before, gw.rss_kib()),
+        &warning,
+    );
     assert!(gw.is_running(), "the gateway died");
 }
 
@@ -228,7 +220,7 @@ fn hostile_files_dropped_in_by_hot_swap_are_refused_and_the_old_plugin_keeps_ser
         "hostile hot swaps: {ok} requests answered by the old plugin, {} not; RSS {rss_before} -> {rss_after} KiB",
         bad.len()
     );
-    record(
+    report::hostile_plugin(
         "a component importing WASI sockets and filesystem, a core module, a 50 MB component, a broken component (each by hot swap)",
         format!("{ok} of {}, all by the old plugin", ok + bad.len()),
         (rss_before, rss_after),

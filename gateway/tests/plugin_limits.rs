@@ -56,19 +56,6 @@ fn failures(gw: &Gateway, kind: &str) -> u64 {
     v["upstreams"][0]["strategy"]["failures"][kind].as_u64().unwrap_or_else(|| panic!("no {kind} count in {v}"))
 }
 
-/// A row of table 2 (hostile plugins) of docs/reliability.md.
-fn record(plugin: &str, answered: String, rss: (u64, u64), operator_sees: &str) {
-    report::record(
-        "hostile-plugins",
-        serde_json::json!({
-            "plugin": plugin,
-            "requests answered": answered,
-            "RSS before, after (KiB)": format!("{}, {}", rss.0, rss.1),
-            "what the operator sees": operator_sees,
-        }),
-    );
-}
-
 #[test]
 fn ten_thousand_response_headers_are_a_bad_answer_and_the_request_is_still_served() {
     let dir = TempDir::new();
@@ -81,7 +68,7 @@ fn ten_thousand_response_headers_are_a_bad_answer_and_the_request_is_still_serve
     println!("10,000 response headers: {ok}/{n} requests answered; RSS {before} -> {after} KiB");
     assert_eq!(ok, n);
     let line = failure_line(&gw);
-    record("10,000 response headers", format!("{ok} of {n}"), (before, after), message(&line));
+    report::hostile_plugin("10,000 response headers", format!("{ok} of {n}"), (before, after), message(&line));
     assert_eq!(line["failure"], "BadAnswer", "{line}");
     assert!(message(&line).contains("request.add-response-header: more than 64 response headers"), "{line}");
     assert!(failures(&gw, "bad_answer") >= n as u64 / 2, "not every call counted as a bad answer");
@@ -110,7 +97,7 @@ fn a_100_mb_reject_body_is_refused_where_it_lies_without_being_copied() {
     std::thread::sleep(Duration::from_millis(500));
     let (after, peak) = (gw.rss_kib(), gw.peak_rss_kib());
     println!("100 MB reject body: {ok}/{n} requests answered; RSS {before} -> {after} KiB (peak {peak} KiB)");
-    record(
+    report::hostile_plugin(
         "100 MB reject body",
         format!("{ok} of {n}"),
         (before, after),
@@ -135,7 +122,12 @@ fn a_key_value_bomb_hits_the_byte_cap_and_the_plugin_is_told() {
     println!("key-value bomb (4 MiB cap, 100 MiB attempted): {ok}/{n} requests answered; RSS {before} -> {after} KiB");
     assert_eq!(ok, n);
     let line = failure_line(&gw);
-    record("key-value bomb (100 MiB tried, 4 MiB cap)", format!("{ok} of {n}"), (before, after), message(&line));
+    report::hostile_plugin(
+        "key-value bomb (100 MiB tried, 4 MiB cap)",
+        format!("{ok} of {n}"),
+        (before, after),
+        message(&line),
+    );
     assert_eq!(line["failure"], "Trap", "{line}");
     let text = message(&line);
     assert!(text.contains("kv-set: the key-value store is full:"), "{line}");
@@ -156,7 +148,12 @@ fn a_counter_bomb_hits_the_byte_cap_and_the_plugin_is_told() {
     println!("counter bomb (256 KiB cap): {ok}/{n} requests answered");
     assert_eq!(ok, n);
     let line = failure_line(&gw);
-    record("counter bomb (256 KiB cap)", format!("{ok} of {n}"), (before, gw.rss_kib()), message(&line));
+    report::hostile_plugin(
+        "counter bomb (256 KiB cap)",
+        format!("{ok} of {n}"),
+        (before, gw.rss_kib()),
+        message(&line),
+    );
     assert!(message(&line).contains("counter-add: the counters are full:"), "{line}");
     assert!(message(&line).contains("of 262144 bytes (plugins.counters_limit_kib)"), "{line}");
     assert!(gw.is_running());

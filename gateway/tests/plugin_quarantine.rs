@@ -51,19 +51,6 @@ fn wait_health(gw: &Gateway, mark: usize, addr: SocketAddr, event: &str) {
     gw.wait_for_log_after(mark, Duration::from_secs(10), |l| message(l).starts_with(event) && l["address"] == addr);
 }
 
-/// A row of table 2 (hostile plugins) of docs/reliability.md.
-fn record(plugin: &str, answered: String, rss: (u64, u64), operator_sees: &str) {
-    report::record(
-        "hostile-plugins",
-        serde_json::json!({
-            "plugin": plugin,
-            "requests answered": answered,
-            "RSS before, after (KiB)": format!("{}, {}", rss.0, rss.1),
-            "what the operator sees": operator_sees,
-        }),
-    );
-}
-
 #[test]
 fn a_plugin_that_keeps_trapping_is_quarantined_and_tried_again_after_a_doubling_backoff() {
     let dir = TempDir::new();
@@ -100,7 +87,7 @@ fn a_plugin_that_keeps_trapping_is_quarantined_and_tried_again_after_a_doubling_
     assert!((6..=7).contains(&after_try), "one try per worker at most: {after_try} failures");
     serve(&gw, &[&b1, &b2], 20, Duration::from_secs(2));
     assert_eq!(failures(&gw), after_try, "called again during the extended quarantine");
-    record(
+    report::hostile_plugin(
         "trap in `pick`, over and over (quarantine after 5, backoff 1.5 s)",
         "70 of 70".into(),
         (rss_before, gw.rss_kib()),
@@ -133,7 +120,7 @@ fn a_hot_swap_to_a_plugin_that_hangs_in_pool_changed_is_refused_naming_the_call(
     assert!(text.contains("pool-changed"), "the refusal does not name the call: {text}");
     // The last good version keeps serving, every request on time.
     assert_eq!(serve(&gw, &[&b1], 20, Duration::from_millis(500)), vec!["backend-1"; 20]);
-    record(
+    report::hostile_plugin(
         "infinite loop in `pool-changed`, by hot swap",
         "25 of 25, by the old plugin".into(),
         (rss_before, gw.rss_kib()),
@@ -176,7 +163,7 @@ fn a_plugin_that_hangs_in_pool_changed_after_a_pool_change_stalls_no_request() {
         assert_ne!(body, "backend-3", "a request went to the backend that is down");
         n += 1;
     }
-    record(
+    report::hostile_plugin(
         "infinite loop in `pool-changed` once the pool changes",
         format!("{n} of {n} in 2 s, slowest {:.0} ms", slowest.as_secs_f64() * 1e3),
         (rss_before, gw.rss_kib()),
@@ -217,7 +204,12 @@ fn a_plugin_that_eats_memory_is_stopped_at_its_limit_and_the_log_says_so() {
     serve(&gw, &[&b1, &b2], 10, Duration::from_secs(2));
     let line = gw.wait_for_log(Duration::from_secs(5), |l| message(l).starts_with("plugin call failed"));
     let text = message(&line);
-    record("memory bomb in `pick` (memory_limit_mib 16)", "10 of 10".into(), (rss_before, gw.rss_kib()), text);
+    report::hostile_plugin(
+        "memory bomb in `pick` (memory_limit_mib 16)",
+        "10 of 10".into(),
+        (rss_before, gw.rss_kib()),
+        text,
+    );
     assert!(text.contains("pick: memory limit of 16 MiB reached"), "{line}");
     assert!(gw.is_running());
 }

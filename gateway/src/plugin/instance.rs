@@ -366,6 +366,11 @@ impl Binding {
                             message: format!("picked backend {i} but the pool has {members}"),
                         });
                     }
+                    // A view with no healthy backend answers "none left" (503) for a
+                    // pool that has some now: not the plugin's decision on this pool.
+                    WitDecision::Reject(_) if old_view.as_ref().is_some_and(|v| v.healthy_count == 0) => {
+                        return Err(not_ready("the instance's pool view had no healthy backend and is being updated"));
+                    }
                     WitDecision::Reject(status) if (100..=599).contains(&status) => {
                         Target::Reject(status, req.reject_body.unwrap_or_default())
                     }

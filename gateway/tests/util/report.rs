@@ -25,3 +25,17 @@ pub fn record(suite: &str, row: Value) {
 pub fn figures(suite: &str, text: &str) {
     record(suite, serde_json::json!({ "figures": text }));
 }
+
+/// A row of table 2 (hostile plugins): the plugin, the requests still answered, the
+/// gateway's RSS before and after (KiB), and what the operator sees.
+pub fn hostile_plugin(plugin: &str, answered: String, rss: (u64, u64), operator_sees: &str) {
+    record(
+        "hostile-plugins",
+        serde_json::json!({
+            "plugin": plugin,
+            "requests answered": answered,
+            "RSS before, after (KiB)": format!("{}, {}", rss.0, rss.1),
+            "what the operator sees": operator_sees,
+        }),
+    );
+}
