@@ -13,7 +13,7 @@
 use gateway::config;
 use gateway::plugin::{Origin, PluginHost};
 use gateway::pool::{BackendEntry, Member, Pool, PoolSnapshot, Source, Status};
-use gateway::select::{Choice, Selector};
+use gateway::select::{Choice, Selector, Why};
 use proptest::prelude::*;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, OnceLock};
@@ -159,6 +159,11 @@ fn answer(members: usize) -> impl Strategy<Value = Answer> {
     })
 }
 
+/// A single strategy decided and gave no reason.
+fn decided() -> Why {
+    Why::Step { step: 0, reason: None }
+}
+
 /// What the gateway must make of `a` for a request that already tried `tried`: the
 /// choice, or None for a bad answer (the fallback chooses).
 fn expected(a: &Answer, members: usize, tried: &[u32]) -> Option<Choice> {
@@ -174,12 +179,12 @@ fn expected(a: &Answer, members: usize, tried: &[u32]) -> Option<Choice> {
         if !(100..=599).contains(&status) || a.body > MAX_REJECT_BODY {
             return None;
         }
-        return Some(Choice::Reject { status, text: "r".repeat(a.body), response_headers: kept });
+        return Some(Choice::Reject { status, text: "r".repeat(a.body), response_headers: kept, why: decided() });
     }
     if a.number as usize >= members || tried.contains(&a.number) {
         return None;
     }
-    Some(Choice::Backend { index: a.number as usize, response_headers: kept, fallback: false })
+    Some(Choice::Backend { index: a.number as usize, response_headers: kept, fallback: false, why: decided() })
 }
 
 proptest! {
