@@ -630,27 +630,45 @@ const SMOKE_POOL: &str = "\
 - { id: b4, address: 10.0.0.4:8080, zone: us-east, healthy: false }
 ";
 
-/// Sample requests for the smoke test: (method, path, client, headers).
-const SMOKE_REQUESTS: [(&str, &str, &str, &[(&str, &str)]); 4] = [
-    ("GET", "/", "203.0.113.7", &[("host", "shop.example"), ("user-agent", "curl/8.5")]),
-    (
-        "GET",
-        "/book/dune?user=42&lang=en",
-        "198.51.100.23",
-        &[("host", "shop.example"), ("cookie", "session=abc123; lb=b1"), ("x-user-id", "42"), ("accept", "text/html")],
-    ),
-    (
-        "POST",
-        "/api/orders",
-        "2001:db8::1",
-        &[("host", "api.example"), ("content-type", "application/json"), ("x-tenant", "acme")],
-    ),
-    (
-        "GET",
-        "/static/app.js",
-        "192.0.2.200",
-        &[("host", "cdn.example"), ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")],
-    ),
+/// A sample request of the smoke test.
+struct Sample {
+    method: &'static str,
+    path: &'static str,
+    client: &'static str,
+    headers: &'static [(&'static str, &'static str)],
+}
+
+/// Sample requests for the smoke test.
+const SMOKE_REQUESTS: [Sample; 4] = [
+    Sample {
+        method: "GET",
+        path: "/",
+        client: "203.0.113.7",
+        headers: &[("host", "shop.example"), ("user-agent", "curl/8.5")],
+    },
+    Sample {
+        method: "GET",
+        path: "/book/dune?user=42&lang=en",
+        client: "198.51.100.23",
+        headers: &[
+            ("host", "shop.example"),
+            ("cookie", "session=abc123; lb=b1"),
+            ("x-user-id", "42"),
+            ("accept", "text/html"),
+        ],
+    },
+    Sample {
+        method: "POST",
+        path: "/api/orders",
+        client: "2001:db8::1",
+        headers: &[("host", "api.example"), ("content-type", "application/json"), ("x-tenant", "acme")],
+    },
+    Sample {
+        method: "GET",
+        path: "/static/app.js",
+        client: "192.0.2.200",
+        headers: &[("host", "cdn.example"), ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")],
+    },
 ];
 
 /// `gateway plugin check --smoke`: pushes a pool (`pool`, or a sample one) to a fresh
@@ -678,7 +696,7 @@ pub fn smoke(binding: &Arc<crate::plugin::Binding>, pool: Option<&Path>) -> Resu
         crate::plugin::Target::Pass => "pass (the next step of a chain, or the round robin, decides)".to_owned(),
     };
     let mut first = None;
-    for (n, (method, path, client, headers)) in SMOKE_REQUESTS.iter().enumerate() {
+    for (n, Sample { method, path, client, headers }) in SMOKE_REQUESTS.iter().enumerate() {
         let mut builder = http::Request::builder().method(*method).uri(*path);
         for (k, v) in *headers {
             builder = builder.header(*k, *v);
