@@ -66,6 +66,11 @@ pub fn config_check(file: &Path) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
+    // What only the start checked: a registry upstream needs the admin listener.
+    if let Err(e) = config::check_registry_listener(&config) {
+        eprintln!("invalid: {}: {e}", file.display());
+        return Ok(ExitCode::FAILURE);
+    }
     // Plugins: every strategy must load and accept its params, as at start. The
     // compiled cache is used, so a plugin compiled before is checked quickly.
     let host = PluginHost::new(&config.plugins)?;

@@ -167,6 +167,20 @@ fn config_check_validates_without_starting() {
         out.stderr
     );
 
+    // A registry upstream without the admin listener that serves the registry API: the
+    // start refuses it, and so does the check.
+    let registry = dir.write(
+        "registry.yaml",
+        "listeners: [{address: 127.0.0.1:0}]\nupstreams:\n  web:\n    discovery:\n      registry: {default_ttl: 10s}\n",
+    );
+    let out = run_cli(&["config", "check", registry.to_str().unwrap()], Duration::from_secs(60));
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("upstreams.web.discovery.registry") && out.stderr.contains("admin.address"),
+        "{}",
+        out.stderr
+    );
+
     let missing = dir.write("missing.yaml", yaml(&[&b], "no-such-plugin"));
     let out = run_cli(&["config", "check", missing.to_str().unwrap()], Duration::from_secs(60));
     assert_eq!(out.code, Some(1));
