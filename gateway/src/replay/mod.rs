@@ -20,6 +20,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod smoke;
+pub use smoke::smoke;
+
 /// What `gateway replay` was asked.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -104,6 +107,13 @@ struct PoolBackend {
     ewma_latency_us: u32,
 }
 
+impl PoolBackend {
+    /// Its id: the configured one, else the address.
+    fn id(&self) -> String {
+        self.id.clone().unwrap_or_else(|| self.address.to_string())
+    }
+}
+
 fn one() -> u32 {
     1
 }
@@ -165,7 +175,7 @@ fn read_pool(path: &Path) -> anyhow::Result<Vec<PoolBackend>> {
     }
     let mut seen = std::collections::HashSet::new();
     for b in &backends {
-        let id = b.id.clone().unwrap_or_else(|| b.address.to_string());
+        let id = b.id();
         if !seen.insert(id.clone()) {
             bail!("{}: backend id `{id}` appears twice", path.display());
         }
@@ -219,9 +229,9 @@ fn build_pool(backends: &[PoolBackend], removed: &[String]) -> (Arc<PoolSnapshot
     let mut guards = Vec::new();
     let members = backends
         .iter()
-        .filter(|b| !removed.iter().any(|r| Some(r) == b.id.as_ref() || *r == b.address.to_string()))
+        .filter(|b| !removed.contains(&b.id()))
         .map(|b| {
-            let id = b.id.clone().unwrap_or_else(|| b.address.to_string());
+            let id = b.id();
             let labels = b.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             let entry = Arc::new(BackendEntry::new(id, b.address, b.zone.clone(), labels, Source::Static));
             if b.ewma_latency_us > 0 {
@@ -619,110 +629,4 @@ pub fn print(r: &Report) {
         );
         print_distribution(&m.distribution, r.requests);
     }
-}
-
-/// The pool `gateway plugin check --smoke` uses when none is given: three healthy
-/// backends in two zones, with labels, and one that is down.
-const SMOKE_POOL: &str = "\
-- { id: b1, address: 10.0.0.1:8080, zone: eu-west, labels: { role: api, canary: \"false\" } }
-- { id: b2, address: 10.0.0.2:8080, zone: us-east, weight: 2, labels: { role: api } }
-- { id: b3, address: 10.0.0.3:8080, zone: eu-west, labels: { role: static, canary: \"true\" } }
-- { id: b4, address: 10.0.0.4:8080, zone: us-east, healthy: false }
-";
-
-/// A sample request of the smoke test.
-struct Sample {
-    method: &'static str,
-    path: &'static str,
-    client: &'static str,
-    headers: &'static [(&'static str, &'static str)],
-}
-
-/// Sample requests for the smoke test.
-const SMOKE_REQUESTS: [Sample; 4] = [
-    Sample {
-        method: "GET",
-        path: "/",
-        client: "203.0.113.7",
-        headers: &[("host", "shop.example"), ("user-agent", "curl/8.5")],
-    },
-    Sample {
-        method: "GET",
-        path: "/book/dune?user=42&lang=en",
-        client: "198.51.100.23",
-        headers: &[
-            ("host", "shop.example"),
-            ("cookie", "session=abc123; lb=b1"),
-            ("x-user-id", "42"),
-            ("accept", "text/html"),
-        ],
-    },
-    Sample {
-        method: "POST",
-        path: "/api/orders",
-        client: "2001:db8::1",
-        headers: &[("host", "api.example"), ("content-type", "application/json"), ("x-tenant", "acme")],
-    },
-    Sample {
-        method: "GET",
-        path: "/static/app.js",
-        client: "192.0.2.200",
-        headers: &[("host", "cdn.example"), ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")],
-    },
-];
-
-/// `gateway plugin check --smoke`: pushes a pool (`pool`, or a sample one) to a fresh
-/// instance of `binding` (`configure` has run), then asks `pick` for a few sample
-/// requests and a retry that excludes the first answer. Returns what it did, line by
-/// line, or the first failure with the plugin's own message.
-pub fn smoke(binding: &Arc<crate::plugin::Binding>, pool: Option<&Path>) -> Result<Vec<String>, String> {
-    let backends = match pool {
-        Some(path) => read_pool(path).map_err(|e| format!("{e:#}"))?,
-        None => serde_yaml::from_str(SMOKE_POOL).expect("the sample pool parses"),
-    };
-    let (pool, _held) = build_pool(&backends, &[]);
-    let mut done = Vec::new();
-    binding
-        .warm(&pool)
-        .map_err(|e| format!("configure/pool-changed with {} backends failed: {e}", pool.members.len()))?;
-    done.push(format!("pool-changed: accepted {} backends ({} healthy)", pool.members.len(), pool.healthy_count));
-    let describe = |d: &crate::plugin::Decision| match &d.target {
-        crate::plugin::Target::Backend(i) => {
-            let m = &pool.members[*i as usize];
-            let down = if m.status.healthy() { "" } else { " (which is down: a strategy should skip it)" };
-            format!("backend {}{down}", m.entry.id)
-        }
-        crate::plugin::Target::Reject(status, body) => format!("reject {status} {body:?}"),
-        crate::plugin::Target::Pass => "pass (the next step of a chain, or the round robin, decides)".to_owned(),
-    };
-    let mut first = None;
-    for (n, Sample { method, path, client, headers }) in SMOKE_REQUESTS.iter().enumerate() {
-        let mut builder = http::Request::builder().method(*method).uri(*path);
-        for (k, v) in *headers {
-            builder = builder.header(*k, *v);
-        }
-        let mut parts = builder.body(()).expect("a valid sample request").into_parts().0;
-        let client: IpAddr = client.parse().expect("a valid sample address");
-        let what = format!("pick #{} ({method} {path} from {client})", n + 1);
-        let d = binding.pick(&mut parts, client, &pool, &[]).map_err(|e| format!("{what} failed: {e}"))?;
-        if let (None, crate::plugin::Target::Backend(i)) = (&first, &d.target) {
-            first = Some((*i, parts.clone(), client));
-        }
-        let headers: Vec<String> = d.response_headers.iter().map(|(k, v)| format!("{k}: {v}")).collect();
-        let headers =
-            if headers.is_empty() { String::new() } else { format!(", response headers [{}]", headers.join("; ")) };
-        done.push(format!("{what}: {}{headers}", describe(&d)));
-    }
-    if let Some((index, mut parts, client)) = first {
-        let id = &pool.members[index as usize].entry.id;
-        let what = format!("retry excluding {id}");
-        let d = binding.pick(&mut parts, client, &pool, &[index]).map_err(|e| format!("{what} failed: {e}"))?;
-        if d.target == crate::plugin::Target::Backend(index) {
-            return Err(format!(
-                "{what}: picked {id} again; a retry must choose another backend (request.tried lists them)"
-            ));
-        }
-        done.push(format!("{what}: {}", describe(&d)));
-    }
-    Ok(done)
 }
