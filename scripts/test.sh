@@ -11,8 +11,9 @@ cd "$(dirname "$0")/.."
 # so a test that finds one missing fails instead of skipping (the tests skip only outside CI).
 export CI="${CI:-1}"
 
-step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 started=$SECONDS
+# Each step says when it starts (seconds since the script began), so a slow run shows where.
+step() { printf '\n\033[1m==> [%ss] %s\033[0m\n' "$((SECONDS - started))" "$*"; }
 
 step "Rust targets for plugins"
 # wasm32-unknown-unknown: the built-in plugins; wasm32-wasip2: the Rust guest example and

@@ -91,7 +91,12 @@ pub fn from_yaml(path: &Path, text: &str) -> Result<Config, ConfigError> {
         if let Some(i) = message.find(" at line ") {
             message.truncate(i);
         }
-        let field = if field == "." { "(top level)".to_owned() } else { field };
+        let field = if field == "." || field.is_empty() { "(top level)".to_owned() } else { field };
+        // YAML's `? ` (an explicit key with nothing after it) or `: value` makes an empty key,
+        // which serde reports as "unknown field ``": say what it is.
+        if message.starts_with("unknown field ``") {
+            message = format!("an empty key (a line starting with `?` or `:`); {}", &message["unknown field ``, ".len().min(message.len())..]);
+        }
         ConfigError::Invalid { path: path.into(), line, column, field, message }
     })?;
     validate(&config).map_err(|(field, needle, message)| ConfigError::Invalid {
@@ -614,6 +619,15 @@ mod tests {
 
     fn err(text: &str) -> String {
         from_yaml(Path::new("gw.yaml"), text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn an_empty_key_is_named_as_such() {
+        // Found by tests/fuzz_config.rs: `?` alone is an explicit empty YAML key.
+        for text in ["?", ": 1\n"] {
+            let e = err(text);
+            assert!(e.contains("(top level)") && e.contains("an empty key"), "{e}");
+        }
     }
 
     #[test]
