@@ -95,7 +95,10 @@ pub fn from_yaml(path: &Path, text: &str) -> Result<Config, ConfigError> {
         // YAML's `? ` (an explicit key with nothing after it) or `: value` makes an empty key,
         // which serde reports as "unknown field ``": say what it is.
         if message.starts_with("unknown field ``") {
-            message = format!("an empty key (a line starting with `?` or `:`); {}", &message["unknown field ``, ".len().min(message.len())..]);
+            message = format!(
+                "an empty key (a line starting with `?` or `:`); {}",
+                &message["unknown field ``, ".len().min(message.len())..]
+            );
         }
         ConfigError::Invalid { path: path.into(), line, column, field, message }
     })?;
