@@ -6,6 +6,7 @@
 #
 #   scripts/build-guest-plugins.sh                # every plugin
 #   scripts/build-guest-plugins.sh js-least-latency python-path-router
+#   scripts/build-guest-plugins.sh --lang c       # only these languages (repeatable)
 #   scripts/build-guest-plugins.sh --tools-only   # only install/check the tools
 #
 # It also writes target/guest-plugins/tools.env: where the tools are (COMPONENTIZE_PY,
@@ -292,9 +293,17 @@ write_tools_env() {
 
 tools_only=0
 names=()
+langs=()
+expect_lang=0
 for arg in "$@"; do
+    if [ $expect_lang = 1 ]; then
+        langs+=("$arg")
+        expect_lang=0
+        continue
+    fi
     case "$arg" in
         --tools-only) tools_only=1 ;;
+        --lang) expect_lang=1 ;;
         -h | --help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         -*) die "unknown option $arg" "see $0 --help" ;;
         *) names+=("${arg%/}") ;;
@@ -309,9 +318,22 @@ all_names() {
         done
     done
 }
+[ $expect_lang = 0 ] || die "--lang needs a language: python, js, rust or c"
 if [ ${#names[@]} -eq 0 ]; then
     mapfile -t names < <(all_names)
     [ ${#names[@]} -gt 0 ] || die "no {python,js,rust,c}-* plugin folders found in ${SOURCES[*]}"
+fi
+# --lang L (repeatable): only the plugins in those languages.
+if [ ${#langs[@]} -gt 0 ]; then
+    kept=()
+    for n in "${names[@]}"; do
+        for l in "${langs[@]}"; do
+            case "$l" in python | js | rust | c) ;; *) die "unknown language '$l'" "choose from: python js rust c" ;; esac
+            [[ "${n##*/}" == "$l"-* ]] && kept+=("$n")
+        done
+    done
+    names=("${kept[@]}")
+    [ ${#names[@]} -gt 0 ] || die "no plugins in ${langs[*]}"
 fi
 for n in "${names[@]}"; do
     n="${n##*/}"

@@ -62,6 +62,19 @@ fi
 echo "python $(python3 --version | cut -d' ' -f2), node $(node --version), npm $(npm --version), $(chromium --version 2>/dev/null)," \
   "prometheus $(prometheus --version 2>&1 | head -1 | cut -d' ' -f3)"
 
+# Lints run in the background from here on, in a target dir of their own (a lint build
+# compiles every dependency again, in check mode): they overlap the downloads and the
+# single-threaded guest-plugin builds below instead of adding to them. Waited for at the end.
+clippy_pid=""
+if [ -z "${SKIP_LINT:-}" ]; then
+  step "cargo fmt --check"
+  cargo fmt --all -- --check
+  step "cargo clippy (in the background, target/clippy; its output is shown at the end)"
+  CARGO_TARGET_DIR=target/clippy cargo clippy --quiet --profile ci --workspace --all-targets -- -D warnings \
+    >target/clippy.log 2>&1 &
+  clippy_pid=$!
+fi
+
 # gateway/tests/grpc.rs drives real gRPC servers and clients (Python grpcio, pinned) and
 # gateway/tests/rapid_reset.rs a raw HTTP/2 client (Python h2), from a venv cached in
 # ~/.cache/gateway-test-venv (under CI those tests fail without it).
@@ -75,32 +88,41 @@ if ! "$venv/bin/python" -c "import grpc, h2, sys; sys.exit(grpc.__version__ != '
 fi
 echo "grpcio $("$venv/bin/python" -c 'import grpc; print(grpc.__version__)'), h2 $("$venv/bin/python" -c 'import h2; print(h2.__version__)')"
 
-# Pinned componentize-py / componentize-js / zig (cached in ~/.cache/gateway-guest-tools),
-# then the Python, JavaScript, Rust and C guest plugins into target/guest-plugins/ (C
-# plugins are made with the gateway itself, so this builds it first), which
-# gateway/tests/languages.rs and gateway/benches/languages.rs use.
-step "guest-language plugins (scripts/build-guest-plugins.sh)"
-scripts/build-guest-plugins.sh
+# Pinned componentize-py / componentize-js (cached in ~/.cache/gateway-guest-tools), then
+# the Python, JavaScript and Rust guest plugins into target/guest-plugins/, which
+# gateway/tests/languages.rs and gateway/benches/languages.rs use (C plugins are made with
+# the gateway, after the build). Mostly single-threaded: it overlaps the lints.
+step "guest-language plugins: Python, JavaScript, Rust (scripts/build-guest-plugins.sh)"
+scripts/build-guest-plugins.sh --lang python --lang js --lang rust
+
+# One target dir and one profile for everything, so wasmtime is built once: `ci` is
+# release optimisation without debug info and with the gateway crate in 16 codegen units
+# (Cargo.toml says why); benchmarks and the demo use `--release`. Built once for every
+# target: a `-p gateway` build alone would unify features differently and build the
+# gateway crate twice.
+step "build (profile ci)"
+cargo build --profile ci --workspace --all-targets
+
+# C plugins: zig (the pinned `ziglang` wheel, cached like the others) and the gateway
+# just built (`plugin new --lang c` bindings, `plugin componentize`).
+step "guest-language plugins: C (scripts/build-guest-plugins.sh --lang c)"
+GATEWAY="${CARGO_TARGET_DIR:-target}/ci/gateway" scripts/build-guest-plugins.sh --lang c
 
 # The example plugins' own unit tests, natively (no Wasm): plain CPython and Node.
 step "example plugins' native unit tests (Python, JavaScript)"
 PYTHONDONTWRITEBYTECODE=1 python3 -m unittest discover -s examples/plugins/python-path-router
 node --test examples/plugins/js-least-latency/
 
-if [ -z "${SKIP_LINT:-}" ]; then
-  step "cargo fmt --check"
-  cargo fmt --all -- --check
-fi
 
-# One target dir and one profile for everything, so wasmtime is built once: `ci` is
-# release optimisation without debug info and with the gateway crate in 16 codegen units
-# (Cargo.toml says why); benchmarks and the demo use `--release`.
-step "build (profile ci)"
-cargo build --profile ci --workspace --all-targets
 
-if [ -z "${SKIP_LINT:-}" ]; then
-  step "cargo clippy"
-  cargo clippy --profile ci --workspace --all-targets -- -D warnings
+if [ -n "$clippy_pid" ]; then
+  step "cargo clippy (waiting for the background run)"
+  if ! wait "$clippy_pid"; then
+    cat target/clippy.log
+    echo "cargo clippy found problems (above)" >&2
+    exit 1
+  fi
+  cat target/clippy.log
 fi
 
 step "tests"

@@ -326,6 +326,8 @@ fn frozen_backend(strategy: &str) -> String {
         message(l).starts_with("backend is down") && l["backend"] == "frozen"
     });
     let detection = stopped.elapsed();
+    // A decision made just before the pool changed may still be counting its request.
+    std::thread::sleep(Duration::from_millis(100));
     let sent_then = frozen_requests(admin);
     std::thread::sleep(Duration::from_secs(3));
     let sent_after = frozen_requests(admin);
@@ -367,9 +369,11 @@ fn frozen_backend(strategy: &str) -> String {
         sent_after - sent_then,
         back.as_secs_f64() * 1e3,
     );
+    // Shown whatever happens next: a CI log keeps this line when it cuts the panic.
+    eprintln!("frozen backend figures: {figures}");
     // No request waits for the 30 s response-header timeout: at most the detection time
-    // and one normal backend latency, plus slack for a loaded machine.
-    let bound = detection + Duration::from_secs(2);
+    // and one normal backend latency, plus slack for a loaded 2-core machine.
+    let bound = detection + Duration::from_secs(3);
     assert!(worst <= bound, "a request waited {worst:?} (detection took {detection:?}): {figures}");
     assert_eq!(sent_after, sent_then, "requests went to the frozen backend after it was marked down: {figures}");
     if strategy != "round-robin" {
