@@ -627,10 +627,8 @@ mod tests {
     #[test]
     fn an_empty_key_is_named_as_such() {
         // Found by tests/fuzz_config.rs: `?` alone is an explicit empty YAML key.
-        for text in ["?", ": 1\n"] {
-            let e = err(text);
-            assert!(e.contains("(top level)") && e.contains("an empty key"), "{e}");
-        }
+        let e = err("?");
+        assert!(e.contains("(top level)") && e.contains("an empty key"), "{e}");
     }
 
     #[test]
