@@ -219,6 +219,33 @@ impl Gateway {
         }
     }
 
+    /// Changes the running config of upstream `name` with `edit` (the admin API's
+    /// canary promotion and abort), checked and built like a reload, then swapped in.
+    /// The config file is not written: a reload from the file brings back what it says.
+    /// Returns the new config version. Blocking (plugin binding): call from
+    /// `spawn_blocking`.
+    pub fn edit_upstream(
+        &self,
+        name: &str,
+        edit: impl FnOnce(&mut config::Upstream) -> Result<(), String>,
+    ) -> Result<u64, String> {
+        let old = self.view();
+        let mut new = (*old.config).clone();
+        let up = new.upstreams.get_mut(name).ok_or_else(|| {
+            let known: Vec<_> = old.upstreams.iter().map(|u| u.name.as_str()).collect();
+            format!("no upstream `{name}` (upstreams: {})", known.join(", "))
+        })?;
+        edit(up)?;
+        config::validate(&new).map_err(|(field, _, message)| format!("{field}: {message}"))?;
+        let version = self.config_state().version + 1;
+        let view = build_view(&new, version, &self.plugins, Some(&old)).map_err(|e| format!("{e:#}"))?;
+        self.proxy.view.store(Arc::new(view));
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.version = version;
+        state.loaded_at = SystemTime::now();
+        Ok(version)
+    }
+
     fn try_reload(&self) -> Result<(Changes, u64), String> {
         let path = self.config_path.as_ref().ok_or_else(|| {
             "this gateway was started without --config FILE: there is no file to reload (restart it to change flags)"

@@ -113,6 +113,32 @@ pub async fn reload(gw: &Arc<Gateway>, trigger: Trigger) -> Result<Changes, Stri
     result
 }
 
+/// Changes upstream `name`'s running config with `edit` (see [`Gateway::edit_upstream`]),
+/// one change at a time with reloads; logs `what` happened. Returns the new version.
+pub async fn edit_upstream(
+    gw: &Arc<Gateway>,
+    name: &str,
+    what: &'static str,
+    edit: impl FnOnce(&mut crate::config::Upstream) -> Result<(), String> + Send + 'static,
+) -> Result<u64, String> {
+    let _one_at_a_time = SEEN.lock().await;
+    let (worker, upstream) = (gw.clone(), name.to_owned());
+    let result = match tokio::task::spawn_blocking(move || worker.edit_upstream(&upstream, edit)).await {
+        Ok(r) => r,
+        Err(e) => Err(format!("the change failed: {e}")),
+    };
+    match &result {
+        Ok(version) => {
+            gw.restart_health_checks();
+            gw.restart_discovery();
+            let file = gw.config_path.as_ref().map_or("none".into(), |p| p.display().to_string());
+            tracing::info!(upstream = %name, version, file = %file, "{what} by the admin API; the config file was not changed: edit it too, or a reload from it undoes this");
+        }
+        Err(e) => tracing::warn!(upstream = %name, "{what} by the admin API refused: {e}"),
+    }
+    result
+}
+
 /// Watches the config file until `stop`, reloading when its content changes. Watches
 /// the folder, so an editor that replaces the file (write to a temporary, rename) is
 /// followed.

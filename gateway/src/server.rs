@@ -202,7 +202,7 @@ fn worker(
     rt.block_on(async move {
         // Create this thread's plugin instances before the first request needs them.
         for up in &gw.view().upstreams {
-            for binding in up.selector.bindings() {
+            for binding in up.bindings() {
                 if let Err(e) = binding.warm(&up.pool.snapshot()) {
                     tracing::warn!(upstream = %up.name, plugin = %binding.plugin().name, "warming the plugin failed: {e}");
                 }
@@ -231,7 +231,7 @@ fn worker(
         tokio::spawn(async move {
             while let Some(generation) = warmer.changed().await {
                 for up in &warm_gw.view().upstreams {
-                    for binding in up.selector.bindings() {
+                    for binding in up.bindings() {
                         binding.warm_staged(&up.pool.snapshot());
                     }
                 }

@@ -6,7 +6,7 @@ use crate::metrics::UpstreamMetrics;
 use crate::plugin::{PluginError, PluginHost};
 use crate::pool::{BackendEntry, Member, Pool, Source, Status};
 use crate::proxy::Transport;
-use crate::select::Selector;
+use crate::select::{Arm, Canary, Selector, Shadow};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
@@ -20,6 +20,12 @@ pub struct Upstream {
     /// Chooses a backend per request (shared with the previous version of this
     /// upstream when a reload left its strategy unchanged).
     pub selector: Arc<Selector>,
+    /// A second strategy deciding a share of the requests (kept across a reload that
+    /// leaves it unchanged, with its counts).
+    pub canary: Option<Arc<Canary>>,
+    /// A strategy asked about a sample of the requests without acting on it (kept, like
+    /// the canary, across a reload that leaves it unchanged).
+    pub shadow: Option<Arc<Shadow>>,
     /// Retry policy.
     pub retries: config::Retries,
     /// How many retries may add to the requests (counted per worker, read on a retry).
@@ -74,6 +80,16 @@ pub enum BuildError {
         upstream: String,
         /// Which step of a chain (none: a single strategy).
         step: Option<usize>,
+        /// Why.
+        error: Box<PluginError>,
+    },
+    /// The canary's or the shadow's plugin was refused.
+    #[error("upstream `{upstream}`: {role}: {error}")]
+    Trial {
+        /// Upstream name.
+        upstream: String,
+        /// `canary` or `shadow`.
+        role: &'static str,
         /// Why.
         error: Box<PluginError>,
     },
@@ -155,6 +171,12 @@ impl Upstream {
         }
         let selector = match previous {
             Some(p) if p.config.strategy == cfg.strategy => p.selector.clone(),
+            // A promotion (the canary becomes the strategy) keeps the canary's plugin
+            // binding: its warm instances, and its state (where it put its clients).
+            Some(Upstream { canary: Some(c), .. }) if cfg.strategy == c.strategy() => {
+                let steps = c.selector.bindings().map(|b| (c.config.plugin.clone(), b.clone())).collect();
+                Arc::new(Selector::chain(steps, crate::metrics::control().upstream(name)))
+            }
             _ => {
                 let mut steps = Vec::with_capacity(cfg.strategy.steps().len());
                 for (step, s) in cfg.strategy.steps().iter().enumerate() {
@@ -167,6 +189,30 @@ impl Upstream {
                     steps.push((s.plugin.clone(), host.bind_step(name, step, plugin, &s.params).map_err(plugin_err)?));
                 }
                 Arc::new(Selector::chain(steps, crate::metrics::control().upstream(name)))
+            }
+        };
+        let trial_err =
+            |role: &'static str| move |error| BuildError::Trial { upstream: name.into(), role, error: Box::new(error) };
+        let canary = match (&cfg.canary, previous) {
+            (None, _) => None,
+            (Some(c), Some(p)) if p.config.canary.as_ref() == Some(c) => p.canary.clone(),
+            (Some(c), _) => {
+                let plugin = host.resolve(&c.plugin).map_err(trial_err("canary"))?;
+                let binding =
+                    host.bind_in(name, &format!("{name}#canary"), plugin, &c.params).map_err(trial_err("canary"))?;
+                // Its own failures and fallbacks: not the live strategy's.
+                let selector = Selector::chain(vec![(c.plugin.clone(), binding)], Arc::default());
+                Some(Arc::new(Canary::new(selector, c.clone())))
+            }
+        };
+        let shadow = match (&cfg.shadow, previous) {
+            (None, _) => None,
+            (Some(sh), Some(p)) if p.config.shadow.as_ref() == Some(sh) => p.shadow.clone(),
+            (Some(sh), _) => {
+                let plugin = host.resolve(&sh.plugin).map_err(trial_err("shadow"))?;
+                let binding =
+                    host.bind_in(name, &format!("{name}#shadow"), plugin, &sh.params).map_err(trial_err("shadow"))?;
+                Some(Arc::new(Shadow::new(binding, sh.clone())))
             }
         };
         // Unchanged protocol, TLS and pool settings keep the transport, and with it this
@@ -184,6 +230,8 @@ impl Upstream {
             name: name.into(),
             pool: Pool::with_members(members),
             selector,
+            canary,
+            shadow,
             retries: cfg.retries.clone(),
             retry_budget: crate::proxy::RetryBudget::new(&cfg.retry_budget),
             timeouts: cfg.timeouts.clone().unwrap_or_else(|| defaults.clone()),
@@ -192,6 +240,25 @@ impl Upstream {
             metrics: crate::metrics::control().upstream(name),
             config: cfg.clone(),
         })
+    }
+}
+
+impl Upstream {
+    /// The selector of `arm`: the canary's, or the upstream's strategy.
+    pub fn selector_for(&self, arm: Arm) -> &Selector {
+        match (arm, &self.canary) {
+            (Arm::Canary, Some(c)) => &c.selector,
+            _ => &self.selector,
+        }
+    }
+
+    /// Every plugin binding the upstream uses: the strategy's steps, then the canary's
+    /// and the shadow's (to warm on each worker, and to name in `/metrics`).
+    pub fn bindings(&self) -> impl Iterator<Item = &Arc<crate::plugin::Binding>> {
+        self.selector
+            .bindings()
+            .chain(self.canary.iter().flat_map(|c| c.selector.bindings()))
+            .chain(self.shadow.iter().map(|s| &s.binding))
     }
 }
 

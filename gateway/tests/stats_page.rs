@@ -1,6 +1,7 @@
 //! The live stats page (`GET /` on the admin listener) in real headless Chromium: it
 //! draws three live backends from `/api/stats`; when one dies, the same page (no
-//! reload) turns its row `down` within one refresh after the health check notices.
+//! reload) turns its row `down` within one refresh after the health check notices. The
+//! upstream's canary and shadow show under its strategy line.
 //! Leaves a full-page screenshot in `target/stats-page.png`.
 //!
 //! Chromium is driven over the DevTools protocol ([`util::Chromium`]). Without a
@@ -54,6 +55,8 @@ upstreams:
       fall: 1
     passive:
       consecutive_failures: 0
+    canary: {{plugin: least-connections, share: 1.0}}
+    shadow: {{plugin: random, sample: 0.5}}
     backends:
 {list}"
     )
@@ -155,6 +158,15 @@ fn a_dead_backend_turns_down_on_the_open_page() {
     let samples = "(document.querySelector('#total-spark .line').getAttribute('d') || '').split('L').length >= 6";
     if page.wait_for(REFRESH * 10, samples).is_none() {
         fail(&mut page, &gw, "the requests/s sparkline did not grow to 6 samples in 10 refreshes");
+    }
+    // The canary and the shadow, under the strategy line: who decides, and the agreement.
+    let trial = r#"(() => {
+        const t = document.querySelector('[data-upstream="web"] .trial');
+        return !!t && !t.hidden && t.innerText.includes('least-connections decides 100.0% of clients')
+            && /agrees \d+(\.\d)?% of \d+/.test(t.innerText) && t.querySelectorAll('.bars').length === 3;
+    })()"#;
+    if page.wait_for(REFRESH * 5, trial).is_none() {
+        fail(&mut page, &gw, "the canary and shadow panel is missing or incomplete");
     }
     let dom = page.eval(DOM_STATE).expect("read the page");
     let names: Vec<&String> = dom["rows"].as_object().map(|r| r.keys().collect()).unwrap_or_default();

@@ -6,6 +6,7 @@ use crate::gateway::Gateway;
 use crate::metrics::{self, CLASSES, Generated, HistogramSnapshot, UpstreamMetrics};
 use crate::pool::Member;
 use crate::reload::{self, Trigger};
+use crate::select::{Arm, Canary, Shadow};
 use crate::upstream::Upstream;
 use http::StatusCode;
 use serde_json::{Value, json};
@@ -98,7 +99,63 @@ fn upstream_stats(gw: &Gateway, up: &Upstream) -> Value {
             "name": up.selector.name(),
             "chain": chain(up),
         },
+        "canary": up.canary.as_deref().map(canary_stats),
+        "shadow": up.shadow.as_deref().map(shadow_stats),
         "backends": snap.members.iter().map(|member| backend_stats(up, member)).collect::<Vec<_>>(),
+    })
+}
+
+/// An upstream's canary: its plugin and split, and the responses each arm decided
+/// (`errors` are 5xx), to compare before a promotion.
+fn canary_stats(c: &Canary) -> Value {
+    let binding = c.selector.binding();
+    let plugin = binding.plugin();
+    let arm = |arm: Arm| {
+        let r = c.responses(arm);
+        let total: u64 = r.iter().sum();
+        json!({
+            "responses": total,
+            "errors": r[4],
+            "error_ratio": (total > 0).then(|| r[4] as f64 / total as f64),
+            "by_class": metrics::CLASSES.iter().zip(r).map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        })
+    };
+    json!({
+        "plugin": plugin.name,
+        "origin": plugin.origin.to_string(),
+        "sha256": plugin.hash,
+        "params": c.config.params,
+        "share": c.config.share,
+        "key": c.config.key.to_string(),
+        "decisions": c.selector.decisions(),
+        "fallbacks": c.selector.fallbacks(),
+        "failures": binding.failures(),
+        "quarantined_for_ms": binding.quarantined_for().map(|d| d.as_millis() as u64),
+        "live": arm(Arm::Live),
+        "canary": arm(Arm::Canary),
+    })
+}
+
+/// An upstream's shadow: its plugin and sample, how often it agreed with the live
+/// decision, and where the sampled requests went and would have gone, per backend.
+fn shadow_stats(s: &Shadow) -> Value {
+    let plugin = s.binding.plugin();
+    let counts = s.counts();
+    json!({
+        "plugin": plugin.name,
+        "origin": plugin.origin.to_string(),
+        "sha256": plugin.hash,
+        "params": s.config.params,
+        "sample": s.config.sample,
+        "sampled": counts.sampled,
+        "agreed": counts.agreed,
+        "disagreed": counts.disagreed,
+        "passed": counts.passed,
+        "failed": counts.failed,
+        "skipped": counts.skipped,
+        "agreement": counts.agreement(),
+        "quarantined_for_ms": s.binding.quarantined_for().map(|d| d.as_millis() as u64),
+        "backends": counts.picks.iter().map(|(id, [live, shadow])| json!({"id": id, "live": live, "shadow": shadow})).collect::<Vec<_>>(),
     })
 }
 
@@ -221,6 +278,8 @@ pub fn upstreams(gw: &Gateway) -> Value {
                 },
                 "strategy": up.selector.name(),
                 "chain": chain(up),
+                "canary": up.canary.as_deref().map(canary_stats),
+                "shadow": up.shadow.as_deref().map(shadow_stats),
                 "backends": snap.members.iter().map(|m| json!({
                     "id": m.entry.id,
                     "address": m.entry.addr.to_string(),
@@ -318,6 +377,49 @@ pub async fn reload(gw: &Arc<Gateway>) -> AdminResponse {
             StatusCode::UNPROCESSABLE_ENTITY,
             json!({ "reloaded": false, "error": e, "serving_version": gw.config_state().version }),
         ),
+    }
+}
+
+/// `POST /api/upstreams/{up}/canary/promote|abort`: the canary becomes the upstream's
+/// strategy (keeping its warm instances and state), or is removed; the running config
+/// changes, the file does not.
+pub async fn canary(gw: &Arc<Gateway>, up: &str, promote: bool) -> AdminResponse {
+    let Some(upstream) = gw.upstream(up) else {
+        let known: Vec<_> = gw.view().upstreams.iter().map(|u| u.name.clone()).collect();
+        return error(StatusCode::NOT_FOUND, format!("no upstream `{up}` (upstreams: {})", known.join(", ")));
+    };
+    let Some(canary) = upstream.canary.clone() else {
+        return error(
+            StatusCode::CONFLICT,
+            format!("upstream `{up}` has no canary (add `canary: {{plugin: NAME, share: 0.05}}` to it in the config)"),
+        );
+    };
+    let what = if promote { "canary promoted" } else { "canary aborted" };
+    let result = reload::edit_upstream(gw, up, what, move |cfg| {
+        if promote {
+            cfg.strategy = canary.strategy();
+        }
+        cfg.canary = None;
+        Ok(())
+    })
+    .await;
+    match result {
+        Ok(version) => {
+            let now = gw.upstream(up);
+            let strategy = now.as_ref().map(|u| serde_json::to_value(&u.config.strategy).unwrap_or(Value::Null));
+            json_response(
+                StatusCode::OK,
+                json!({
+                    "upstream": up,
+                    "done": if promote { "promoted" } else { "aborted" },
+                    "version": version,
+                    "strategy": strategy,
+                    "config_file": gw.config_path.as_ref().map(|p| p.display().to_string()),
+                    "note": "the running config changed, the config file did not: edit it too (set `strategy` and remove `canary`), or the next reload from the file brings the canary back",
+                }),
+            )
+        }
+        Err(e) => json_response(StatusCode::UNPROCESSABLE_ENTITY, json!({ "error": e, "upstream": up })),
     }
 }
 

@@ -129,6 +129,9 @@ where
         (&Method::POST, ["api", "upstreams", up, "backends", id, action @ ("drain" | "undrain")]) => {
             api::drain(gw, up, id, *action == "drain")
         }
+        (&Method::POST, ["api", "upstreams", up, "canary", action @ ("promote" | "abort")]) => {
+            api::canary(gw, up, *action == "promote").await
+        }
         (&Method::GET, ["debug", "pprof", "profile"]) => pprof::profile(parts.uri.query().unwrap_or("")).await,
         (_, ["api", ..] | ["metrics"] | ["debug", ..]) if !mutating => {
             error(StatusCode::NOT_FOUND, format!("no admin route {method} {path}; see GET / for the stats page"))

@@ -262,6 +262,24 @@ pub fn validate(config: &Config) -> Result<(), Problem> {
                 format!("{} is not a ratio: give 0 or more (0.2 = retries may add 20% to the requests)", rb.ratio),
             ));
         }
+        if let Some(c) = &up.canary
+            && !(c.share > 0.0 && c.share <= 1.0)
+        {
+            return Err((
+                field("canary.share"),
+                Some("share".into()),
+                format!("{} is not a share: give more than 0 and at most 1 (0.05 = 5% of clients)", c.share),
+            ));
+        }
+        if let Some(sh) = &up.shadow
+            && !(sh.sample > 0.0 && sh.sample <= 1.0)
+        {
+            return Err((
+                field("shadow.sample"),
+                Some("sample".into()),
+                format!("{} is not a share: give more than 0 and at most 1 (0.1 = every tenth request)", sh.sample),
+            ));
+        }
         if let Some(path) = &hc.path
             && !path.starts_with('/')
         {
@@ -622,6 +640,33 @@ mod tests {
 
     fn err(text: &str) -> String {
         from_yaml(Path::new("gw.yaml"), text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn canary_and_shadow_are_checked() {
+        let yaml = |extra: &str| format!("upstreams:\n  web:\n    backends:\n      - address: 127.0.0.1:9001\n{extra}");
+        let c = from_yaml(
+            Path::new("gw.yaml"),
+            &yaml("    canary: {plugin: random, share: 0.05, key: \"header:X-User\"}\n    shadow: {plugin: least-connections}\n"),
+        )
+        .unwrap();
+        let up = &c.upstreams["web"];
+        let canary = up.canary.as_ref().unwrap();
+        assert_eq!(canary.key, crate::config::ArmKey::Header("x-user".into()));
+        assert_eq!(up.shadow.as_ref().unwrap().sample, 0.1);
+        let e = err(&yaml("    canary: {plugin: random, share: 5}\n"));
+        assert!(
+            e.starts_with("gw.yaml:5:") && e.contains("upstreams.web.canary.share") && e.contains("5 is not a share"),
+            "{e}"
+        );
+        let e = err(&yaml("    canary: {plugin: random}\n"));
+        assert!(e.contains("upstreams.web.canary") && e.contains("missing field `share`"), "{e}");
+        let e = err(&yaml("    canary: {plugin: random, share: 0.1, key: ip}\n"));
+        assert!(e.contains("upstreams.web.canary.key") && e.contains("unknown key `ip`"), "{e}");
+        let e = err(&yaml("    canary: {plugin: random, share: 0.1, key: \"header:\"}\n"));
+        assert!(e.contains("needs a name"), "{e}");
+        let e = err(&yaml("    shadow: {plugin: random, sample: 0}\n"));
+        assert!(e.contains("upstreams.web.shadow.sample") && e.contains("0 is not a share"), "{e}");
     }
 
     #[test]

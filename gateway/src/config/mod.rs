@@ -243,6 +243,15 @@ pub struct Upstream {
     /// plugin that answers `pass` lets the next one decide).
     #[serde(default)]
     pub strategy: Chain,
+    /// A second strategy that decides a share of the requests (one client, one
+    /// strategy), to try it on live traffic before it replaces `strategy`. Default none.
+    #[serde(default)]
+    pub canary: Option<Canary>,
+    /// A strategy that also decides a sample of the requests without acting on it: the
+    /// gateway records how often it agrees with the live decision and where it would
+    /// have sent them. Default none.
+    #[serde(default)]
+    pub shadow: Option<Shadow>,
     /// Active health checks.
     #[serde(default)]
     pub health_check: HealthCheck,
@@ -450,6 +459,104 @@ pub struct Strategy {
     /// Params handed to the plugin's `configure` as JSON.
     #[serde(default = "empty_params")]
     pub params: serde_json::Value,
+}
+
+/// `canary`: a strategy that decides [`Canary::share`] of an upstream's requests,
+/// chosen by a stable hash of [`Canary::key`], so one client sees one strategy (on every
+/// gateway of a fleet, and across restarts). The rest go to `strategy`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Canary {
+    /// Plugin name: a built-in, or `NAME.wasm` in the plugins folder.
+    pub plugin: String,
+    /// Params handed to the plugin's `configure` as JSON. Default `{}`.
+    #[serde(default = "empty_params")]
+    pub params: serde_json::Value,
+    /// The share of requests (by key) the canary decides, above 0 and at most 1.
+    pub share: f64,
+    /// What identifies a client: `client_ip` (default), `header:NAME`, `cookie:NAME` or
+    /// `query:NAME`. A request without the key goes to the live strategy.
+    #[serde(default)]
+    pub key: ArmKey,
+}
+
+/// `shadow`: a strategy asked about [`Shadow::sample`] of an upstream's requests after
+/// the live decision, off the request's path; its answer is recorded, never used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shadow {
+    /// Plugin name: a built-in, or `NAME.wasm` in the plugins folder.
+    pub plugin: String,
+    /// Params handed to the plugin's `configure` as JSON. Default `{}`.
+    #[serde(default = "empty_params")]
+    pub params: serde_json::Value,
+    /// The share of requests the shadow is asked about, above 0 and at most 1. Default 0.1.
+    #[serde(default = "default_sample")]
+    pub sample: f64,
+}
+
+/// What identifies a client for a canary's split.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ArmKey {
+    /// The client's IP address (after the PROXY protocol, when used).
+    #[default]
+    ClientIp,
+    /// A request header.
+    Header(String),
+    /// A cookie.
+    Cookie(String),
+    /// A query parameter.
+    Query(String),
+}
+
+impl std::fmt::Display for ArmKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ArmKey::ClientIp => f.write_str("client_ip"),
+            ArmKey::Header(n) => write!(f, "header:{n}"),
+            ArmKey::Cookie(n) => write!(f, "cookie:{n}"),
+            ArmKey::Query(n) => write!(f, "query:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for ArmKey {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let named = |kind: &str, name: &str, make: fn(String) -> ArmKey| {
+            if name.is_empty() {
+                Err(format!("`{kind}:` needs a name, e.g. `{kind}:x-user`"))
+            } else {
+                Ok(make(name.to_owned()))
+            }
+        };
+        match s.split_once(':') {
+            None if s == "client_ip" => Ok(ArmKey::ClientIp),
+            Some(("header", name)) => {
+                named("header", name, ArmKey::Header)?;
+                http::HeaderName::from_bytes(name.as_bytes())
+                    .map(|h| ArmKey::Header(h.as_str().to_owned()))
+                    .map_err(|_| format!("`{name}` is not a valid header name"))
+            }
+            Some(("cookie", name)) => named("cookie", name, ArmKey::Cookie),
+            Some(("query", name)) => named("query", name, ArmKey::Query),
+            _ => Err(format!("unknown key `{s}`: expected `client_ip`, `header:NAME`, `cookie:NAME` or `query:NAME`")),
+        }
+    }
+}
+
+impl Serialize for ArmKey {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        ser.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ArmKey {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(de)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// An upstream's strategy: one plugin (`{plugin, params}` in YAML) or a chain of them
@@ -748,6 +855,9 @@ fn default_prefix() -> String {
 fn default_plugin() -> String {
     "round-robin".into()
 }
+fn default_sample() -> f64 {
+    0.1
+}
 fn empty_params() -> serde_json::Value {
     serde_json::Value::Object(Default::default())
 }
@@ -951,6 +1061,8 @@ impl Upstream {
             backends,
             discovery: None,
             strategy: Chain::default(),
+            canary: None,
+            shadow: None,
             health_check: HealthCheck::default(),
             passive: Passive::default(),
             retries: Retries::default(),

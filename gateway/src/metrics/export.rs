@@ -78,6 +78,73 @@ fn histogram(
     Ok(())
 }
 
+impl Scrape {
+    /// Canaries and shadows: responses per arm, and the shadow's agreement and would-be
+    /// distribution.
+    fn encode_trials(&self, enc: &mut DescriptorEncoder, view: &View) -> Result<(), Error> {
+        use crate::select::Arm;
+        let mut responses = Vec::new();
+        let mut shadow_decisions = Vec::new();
+        let mut shadow_picks = Vec::new();
+        let counts: Vec<_> = view.upstreams.iter().map(|u| u.shadow.as_ref().map(|s| s.counts())).collect();
+        for (u, shadow_counts) in view.upstreams.iter().zip(&counts) {
+            if let Some(c) = &u.canary {
+                for (arm, plugin) in [(Arm::Live, u.selector.name()), (Arm::Canary, c.config.plugin.as_str())] {
+                    for (class, n) in CLASSES.iter().zip(c.responses(arm)) {
+                        let labels = vec![
+                            ("upstream", u.name.as_str()),
+                            ("arm", Arm::LABELS[arm as usize]),
+                            ("plugin", plugin),
+                            ("code", *class),
+                        ];
+                        responses.push((labels, n));
+                    }
+                }
+            }
+            if let (Some(sh), Some(c)) = (&u.shadow, shadow_counts) {
+                let base = vec![("upstream", u.name.as_str()), ("plugin", sh.config.plugin.as_str())];
+                for (result, n) in [
+                    ("agreed", c.agreed),
+                    ("disagreed", c.disagreed),
+                    ("passed", c.passed),
+                    ("failed", c.failed),
+                    ("skipped", c.skipped),
+                ] {
+                    let mut l = base.clone();
+                    l.push(("result", result));
+                    shadow_decisions.push((l, n));
+                }
+                for (id, [live, shadow]) in &c.picks {
+                    for (by, n) in [("live", *live), ("shadow", *shadow)] {
+                        let mut l = base.clone();
+                        l.push(("backend", id.as_str()));
+                        l.push(("decided_by", by));
+                        shadow_picks.push((l, n));
+                    }
+                }
+            }
+        }
+        counter(
+            enc,
+            "canary_responses",
+            "Responses to requests of an upstream with a canary, by the arm that decided (live: the upstream's strategy; canary) and status class.",
+            &responses,
+        )?;
+        counter(
+            enc,
+            "shadow_decisions",
+            "Sampled requests the shadow strategy was asked about, by result: agreed or disagreed with the live decision, passed, failed (trap, timeout, bad answer; the live request was not affected), skipped (instance not ready).",
+            &shadow_decisions,
+        )?;
+        counter(
+            enc,
+            "shadow_picks",
+            "Over the shadow's sample: the backend the live strategy chose (decided_by=live) and the one the shadow would have chosen (decided_by=shadow); backend `-` is a reject.",
+            &shadow_picks,
+        )
+    }
+}
+
 fn bool_gauge(b: bool) -> i64 {
     i64::from(b)
 }
@@ -348,11 +415,8 @@ impl prometheus_client::collector::Collector for Scrape {
                 .push((vec![("upstream", u.name.as_str())], HistogramSnapshot::of(&m.shards, |s| &s.decision_time)));
         }
         // One series per plugin in use: every step of a chain.
-        let in_use: Vec<_> = view
-            .upstreams
-            .iter()
-            .flat_map(|u| u.selector.bindings().map(move |b| (u.name.as_str(), b.plugin())))
-            .collect();
+        let in_use: Vec<_> =
+            view.upstreams.iter().flat_map(|u| u.bindings().map(move |b| (u.name.as_str(), b.plugin()))).collect();
         let origins: Vec<String> = in_use.iter().map(|(_, p)| p.origin.to_string()).collect();
         for ((upstream, plugin), origin) in in_use.iter().zip(&origins) {
             info.push(vec![
@@ -433,6 +497,7 @@ impl prometheus_client::collector::Collector for Scrape {
                 m.encode_info(labels)?;
             }
         }
+        self.encode_trials(&mut enc, view)?;
         let control = super::control();
         let swaps: Vec<((String, &'static str), u64)> =
             control.swaps.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (k.clone(), *v)).collect();

@@ -11,7 +11,7 @@ mod builtin;
 mod cache;
 mod compile;
 mod instance;
-mod lookup;
+pub mod lookup;
 mod quarantine;
 mod reason;
 mod setup;
@@ -622,11 +622,24 @@ impl PluginHost {
         params: &serde_json::Value,
     ) -> Result<Arc<Binding>, PluginError> {
         let key = if step == 0 { upstream.to_owned() } else { format!("{upstream}#{step}") };
+        self.bind_in(upstream, &key, plugin, params)
+    }
+
+    /// [`PluginHost::bind`] with the host state (counters, key-value store) kept under
+    /// `namespace`: a canary or shadow strategy has state of its own, apart from the
+    /// live strategy's.
+    pub fn bind_in(
+        self: &Arc<Self>,
+        upstream: &str,
+        namespace: &str,
+        plugin: Arc<Plugin>,
+        params: &serde_json::Value,
+    ) -> Result<Arc<Binding>, PluginError> {
         let namespace = self
             .namespaces
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(key)
+            .entry(namespace.to_owned())
             .or_insert_with(|| Arc::new(Namespace::new(self.budget.state)))
             .clone();
         let binding = Binding::new(self.clone(), upstream, plugin.clone(), params.to_string(), namespace);

@@ -34,6 +34,8 @@ pub struct Pending {
     pub(super) error: Option<String>,
     /// Which step of the strategy decided, and why.
     pub(super) why: Option<crate::select::Why>,
+    /// The strategy that decided (the canary's, or the upstream's).
+    pub(super) arm: crate::select::Arm,
 }
 
 impl Pending {
@@ -49,7 +51,9 @@ impl Pending {
             .or_else(|| self.host.as_ref().and_then(|h| std::str::from_utf8(h.as_bytes()).ok()))
             .unwrap_or("-");
         let plugin = match (&self.why, route) {
-            (Some(crate::select::Why::Step { step, .. }), Some(r)) => r.upstream.selector.step_log_name(*step),
+            (Some(crate::select::Why::Step { step, .. }), Some(r)) => {
+                r.upstream.selector_for(self.arm).step_log_name(*step)
+            }
             _ => None,
         };
         self.log.record(&Entry {

@@ -18,7 +18,7 @@ pub use conns::{Conns, Transport};
 use crate::health::Reporter;
 use crate::metrics::{self, Generated, RetryReason};
 use crate::pool::BackendStats;
-use crate::select::{Choice, Why};
+use crate::select::{Arm, Choice, Live, Why};
 use crate::upstream::Upstream;
 use crate::view::View;
 use arc_swap::ArcSwap;
@@ -87,6 +87,9 @@ struct Outcome {
     error: Option<String>,
     /// Which step of the strategy decided, and why (the last attempt's decision).
     why: Option<Why>,
+    /// Which strategy decided: the canary's or the upstream's (counted per arm when the
+    /// upstream has a canary).
+    arm: Arm,
     /// The client asked `X-Gateway-Debug: 1` and may: the backend that served goes
     /// here (the only allocation the debug header costs, and only then). Noticed while
     /// the headers are copied for the backend (or, for a rejection, looked up then).
@@ -127,6 +130,7 @@ impl Proxy {
             bytes_in: None,
             error: None,
             why: None,
+            arm: Arm::Live,
             debug: None,
         };
         // Routed and forwarded with dot-segments removed; encoded slashes are refused.
@@ -197,9 +201,12 @@ impl Proxy {
                     shard.requests[metrics::class(resp.status().as_u16())].inc();
                     shard.duration.observe(started.elapsed());
                 }
+                if let Some(canary) = &route.upstream.canary {
+                    canary.count(outcome.arm, resp.status().as_u16());
+                }
                 let mut resp = resp;
                 if let (Some(backend), Some(why)) = (&outcome.debug, &outcome.why) {
-                    let value = decision_header(&route.upstream, why, backend.as_deref());
+                    let value = decision_header(&route.upstream, outcome.arm, why, backend.as_deref());
                     resp.headers_mut().insert(headers::X_GATEWAY_DECISION, value);
                 }
                 resp
@@ -230,6 +237,7 @@ impl Proxy {
                 reason: outcome.generated.map(|g| Generated::LABELS[g as usize]),
                 error: outcome.error,
                 why: outcome.why,
+                arm: outcome.arm,
             };
             match resp.body_mut() {
                 // A backend's body: the line waits for its end (bytes, full duration).
@@ -284,6 +292,15 @@ impl Proxy {
         // Backends get origin-form targets: `/path?query`.
         let target: Uri = parts.uri.path_and_query().map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
 
+        // The canary decides its share of the clients (by key), for every attempt.
+        if let Some(canary) = &upstream.canary
+            && canary.takes(&parts, peer.ip())
+        {
+            outcome.arm = Arm::Canary;
+        }
+        let selector = upstream.selector_for(outcome.arm);
+        // A sampled request is also put to the shadow, after the first decision.
+        let mut shadow = upstream.shadow.as_ref().filter(|s| s.samples());
         let mut tried: Vec<u32> = Vec::new();
         let mut last_error: Option<Response<ResponseBody>> = None;
         // Why the previous attempt failed (what a retry is counted under).
@@ -292,12 +309,23 @@ impl Proxy {
             let pool = upstream.pool.snapshot();
             // After a pool change this worker's plugin instance is brought up to date off
             // the request path: the first request waits for it, briefly.
-            for binding in upstream.selector.bindings() {
+            for binding in selector.bindings() {
                 if let Some(catch_up) = binding.catch_up(&pool) {
                     catch_up.await;
                 }
             }
-            let (index, extra_headers) = match upstream.selector.choose(&mut parts, peer.ip(), &pool, &tried) {
+            let choice = selector.choose(&mut parts, peer.ip(), &pool, &tried);
+            if let Some(shadow) = shadow.take() {
+                let live = match &choice {
+                    Choice::Backend { index, .. } => Some(Live::Backend(pool.members[*index].entry.clone())),
+                    Choice::Reject { status, .. } => Some(Live::Reject(*status)),
+                    Choice::NoBackend => None,
+                };
+                if let Some(live) = live {
+                    shadow.observe(&parts, peer.ip(), pool.clone(), live);
+                }
+            }
+            let (index, extra_headers) = match choice {
                 Choice::Backend { index, response_headers, fallback, why } => {
                     outcome.fallback |= fallback;
                     outcome.why = Some(why);
@@ -613,12 +641,15 @@ fn add_headers(headers: &mut http::HeaderMap, extra: Vec<(String, String)>) {
 
 /// `X-Gateway-Decision: upstream=web; plugin=consistent-hash; backend=b2; reason=...`:
 /// the step that decided (`-` when the native round robin did) and its reason.
-fn decision_header(upstream: &Upstream, why: &Why, backend: Option<&str>) -> header::HeaderValue {
+fn decision_header(upstream: &Upstream, arm: Arm, why: &Why, backend: Option<&str>) -> header::HeaderValue {
     let plugin = match why {
-        Why::Step { step, .. } => upstream.selector.step_name(*step),
+        Why::Step { step, .. } => upstream.selector_for(arm).step_name(*step),
         Why::AllPassed | Why::Failed => "-",
     };
     let mut text = format!("upstream={}; plugin={plugin}; backend={}", upstream.name, backend.unwrap_or("-"));
+    if arm == Arm::Canary {
+        text.push_str("; arm=canary");
+    }
     if let Some(reason) = why.reason() {
         text.push_str("; reason=");
         // A header value holds no control characters.

@@ -1,6 +1,14 @@
 //! Backend selection: the Wasm plugin's decision (or, for a chain, the first step's that
 //! does not pass), with a native round robin as the fallback when a plugin fails (trap,
-//! timeout, bad answer) or every step passes.
+//! timeout, bad answer) or every step passes. Beside the upstream's strategy, a canary
+//! (`canary.rs`) decides a share of the requests, and a shadow (`shadow.rs`) is asked
+//! about a sample without acting on it.
+
+mod canary;
+mod shadow;
+
+pub use canary::{Arm, ArmShard, Canary, hash as arm_hash};
+pub use shadow::{Live, Shadow, ShadowCounts, ShadowShard};
 
 use crate::access_log::PluginName;
 use crate::metrics::{Counter, DECISION_SAMPLE, PerWorker, UpstreamMetrics};
