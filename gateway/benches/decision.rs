@@ -7,7 +7,11 @@
 //! `round-robin`, the first two with `on_miss: pass`) where the first step decides and
 //! where the last one does (two passes first): a chain costs one plugin call per step taken.
 //!
-//! `cargo bench -p gateway --bench decision` (add `-- round-robin` or `-- chain` to filter).
+//! Canary and shadow (`trials`): the canary's split before a round robin, against the round
+//! robin alone; the shadow's per-request sampling check, and a sampled request's whole
+//! shadow work (copy, spawn, `pick`, recording).
+//!
+//! `cargo bench -p gateway --bench decision` (add `-- round-robin`, `-- chain` or `-- trials`).
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use gateway::config;
@@ -116,12 +120,79 @@ fn chains(c: &mut Criterion) {
     group.finish();
 }
 
+/// Canary and shadow: what they add to a request. The canary's split (hash of a header
+/// key, compared with its share) before the decision; the shadow's sampling check on every
+/// request, and for a sampled one the whole off-path work: a copy of the request's method,
+/// URI and headers, a task spawned on the worker's runtime, and the shadow's `pick` with
+/// its recording.
+fn trials(c: &mut Criterion) {
+    use gateway::select::{Canary, Live, Shadow};
+    let host = PluginHost::new(&config::Plugins::default()).expect("engine");
+    let client: IpAddr = "203.0.113.7".parse().unwrap();
+    let pool = pool(3);
+    let snap = pool.snapshot();
+    let bind = |namespace: &str, name: &str, params: serde_json::Value| {
+        let compiled = host.resolve(name).expect("built-in compiles");
+        let binding = host.bind_in("bench-trials", namespace, compiled, &params).expect("configure");
+        binding.warm(&snap).expect("warm");
+        binding
+    };
+    let live = Selector::with_metrics(bind("bench-trials", "round-robin", serde_json::json!({})), Arc::default());
+    let canary_cfg: config::Canary =
+        serde_yaml::from_str("{plugin: round-robin, share: 0.05, key: \"header:x-user\"}").unwrap();
+    let canary = Canary::new(
+        Selector::chain(
+            vec![("round-robin".into(), bind("canary", "round-robin", serde_json::json!({})))],
+            Arc::default(),
+        ),
+        canary_cfg,
+    );
+    let shadow_cfg: config::Shadow =
+        serde_yaml::from_str("{plugin: consistent-hash, params: {key: \"header:x-user\"}, sample: 0.1}").unwrap();
+    let shadow = Arc::new(Shadow::new(
+        bind("shadow", "consistent-hash", serde_json::json!({ "key": "header:x-user" })),
+        shadow_cfg,
+    ));
+    let mut parts = http::Request::get("/book/dune?user=42")
+        .header("host", "shop.example")
+        .header("user-agent", "bench")
+        .header("x-user", "user-42")
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0;
+    let chosen = Live::Backend(snap.members[0].entry.clone());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut group = c.benchmark_group("trials");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("live-round-robin", |b| b.iter(|| black_box(live.choose(&mut parts, client, &snap, &[]))));
+    group.bench_function("canary-split-then-round-robin", |b| {
+        b.iter(|| {
+            let selector = if canary.takes(&parts, client) { &canary.selector } else { &live };
+            black_box(selector.choose(&mut parts, client, &snap, &[]))
+        })
+    });
+    group.bench_function("shadow-sampling-check", |b| b.iter(|| black_box(shadow.samples())));
+    group.bench_function("shadow-sampled-request", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                shadow.observe(&parts, client, snap.clone(), chosen.clone());
+                // The spawned task runs when the request's task next waits.
+                tokio::task::yield_now().await;
+            })
+        })
+    });
+    group.finish();
+    let counts = shadow.counts();
+    assert!(counts.agreed + counts.disagreed > 0 && counts.failed == 0, "the shadow decided: {counts:?}");
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(std::time::Duration::from_millis(500))
         .measurement_time(std::time::Duration::from_secs(2))
         .sample_size(30);
-    targets = decisions, chains
+    targets = decisions, chains, trials
 }
 criterion_main!(benches);
