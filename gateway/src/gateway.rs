@@ -70,6 +70,8 @@ pub struct Changes {
     pub backends_removed: Vec<String>,
     /// Upstreams whose strategy (plugin or params) changed.
     pub strategies_changed: Vec<String>,
+    /// Upstreams whose canary or shadow strategy was added, changed or removed.
+    pub trials_changed: Vec<String>,
     /// The routes changed.
     pub routes_changed: bool,
     /// Settings that only take effect after a restart.
@@ -336,6 +338,9 @@ fn diff(old: &View, new: &View, started: &Config, file: &Config) -> Changes {
                 c.upstreams_changed.push(up.name.clone());
                 if before.config.strategy != up.config.strategy {
                     c.strategies_changed.push(up.name.clone());
+                }
+                if before.config.canary != up.config.canary || before.config.shadow != up.config.shadow {
+                    c.trials_changed.push(up.name.clone());
                 }
                 let ids = |u: &Upstream| -> Vec<String> {
                     u.pool.snapshot().members.iter().map(|m| m.entry.id.clone()).collect()

@@ -93,6 +93,7 @@ pub async fn reload(gw: &Arc<Gateway>, trigger: Trigger) -> Result<Changes, Stri
                     backends_added = ?changes.backends_added,
                     backends_removed = ?changes.backends_removed,
                     strategies_changed = ?changes.strategies_changed,
+                    canary_or_shadow_changed = ?changes.trials_changed,
                     routes_changed = changes.routes_changed,
                     "config reloaded: new requests use the new config, requests in flight finish on the old one"
                 );
