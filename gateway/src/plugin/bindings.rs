@@ -286,9 +286,19 @@ impl HostState {
 
     /// Writes the plugin's log line, unless the plugin is over its rate
     /// ([`LOG_LINES_PER_SECOND`]); then it is counted, and the count is written with the
-    /// next line that passes.
+    /// next line that passes. Lines the log filter leaves out do not count.
     fn write_log(&mut self, level: u8, message: String) {
         let (plugin, upstream) = (&*self.plugin, &*self.upstream);
+        let enabled = match level {
+            0 => tracing::enabled!(tracing::Level::TRACE),
+            1 => tracing::enabled!(tracing::Level::DEBUG),
+            2 => tracing::enabled!(tracing::Level::INFO),
+            3 => tracing::enabled!(tracing::Level::WARN),
+            _ => tracing::enabled!(tracing::Level::ERROR),
+        };
+        if !enabled {
+            return;
+        }
         match self.log_limit.admit() {
             Admit::Drop => return,
             Admit::Write { dropped: 0 } => {}
