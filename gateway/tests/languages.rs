@@ -6,7 +6,10 @@
 //! - `gateway plugin new` projects in Rust, Python and JavaScript build with the exact
 //!   commands of their README, pass `gateway plugin check` and serve a round robin;
 //! - a Python plugin is hot-swapped for a JavaScript one and back, ten times, under
-//!   continuous traffic, with zero failed requests.
+//!   continuous traffic, with zero failed requests;
+//! - a plugin whose `pick` raises (Python) or throws (JavaScript) costs only the fallback,
+//!   and the operator reads the guest's own error (the traceback, the exception) in the
+//!   failure's log line and in `gateway plugin check --smoke`.
 //!
 //! The components and tools come from `scripts/build-guest-plugins.sh`, which
 //! `scripts/test.sh` runs before `cargo test`: these tests only need its output
@@ -600,7 +603,8 @@ fn python_and_js_plugins_hot_swap_under_load_without_a_failed_request() {
 }
 
 // ---------------------------------------------------------------------------------------
-// (e) A plugin that loads but fails when called, caught before it ships
+// (e) A plugin that loads but fails when called: caught before it ships, explained when
+// it runs
 
 #[test]
 fn smoke_check_catches_a_python_exception_in_pick_that_a_plain_check_lets_through() {
@@ -614,5 +618,51 @@ fn smoke_check_catches_a_python_exception_in_pick_that_a_plain_check_lets_throug
     let smoke = run_cli_with_env(&["plugin", "check", file, "--smoke"], &env, Duration::from_secs(120));
     assert_eq!(smoke.code, Some(1), "{smoke:?}");
     assert!(smoke.stderr.contains("pick #1") && smoke.stderr.contains("failed"), "{smoke:?}");
+    // The traceback the plugin logged (`@report_errors`) comes with the trap: the line
+    // that names the exception, and the line of the plugin where it was raised.
+    assert!(smoke.stderr.contains("the plugin said: Traceback (most recent call last):"), "{smoke:?}");
+    assert!(smoke.stderr.contains("AttributeError: ") && smoke.stderr.contains("'paht'"), "{smoke:?}");
+    assert!(smoke.stderr.contains("in pick"), "{smoke:?}");
     eprintln!("plugin check --smoke: {}", smoke.stderr.trim());
+}
+
+/// Serves requests through `name`, a plugin whose every `pick` fails: each is answered
+/// 200 by the fallback. Returns the failure's log line (its message) and the plugin's own
+/// error-level log line.
+fn failure_seen_by_the_operator(name: &str) -> (String, String) {
+    let plugin = guest_plugin(name);
+    let b: Vec<Backend> = (1..=2).map(|i| Backend::new(&format!("backend-{i}"))).collect();
+    let specs: Vec<String> = b.iter().map(|b| b.addr().to_string()).collect();
+    let (gw, _dir) = start_with_plugin(&plugin, name, &specs, &[], &example_cache());
+    let answered = backends_for(&gw, "/", &[], 6);
+    assert!(answered.iter().all(|b| b.starts_with("backend-")), "{answered:?}");
+    let failed = gw.wait_for_log(Duration::from_secs(10), |l| message(l).starts_with("plugin call failed"));
+    assert!(failed["level"] == "WARN" && failed["plugin"] == name, "{failed}");
+    let said = gw.wait_for_log(Duration::from_secs(10), |l| l["level"] == "ERROR" && l["plugin"] == name);
+    (message(&failed).to_owned(), message(&said).to_owned())
+}
+
+#[test]
+fn a_python_exception_in_pick_reaches_the_log_with_its_traceback() {
+    let _serial = one_at_a_time();
+    let (failed, said) = failure_seen_by_the_operator("python-attribute-error");
+    assert!(failed.contains("pick: wasm trap: "), "{failed}");
+    assert!(failed.contains("; the plugin said: Traceback (most recent call last):"), "{failed}");
+    assert!(failed.contains("AttributeError: ") && failed.contains("'paht'"), "{failed}");
+    assert!(
+        failed.ends_with("; the instance was discarded and the fallback round robin chose the backend"),
+        "{failed}"
+    );
+    assert!(said.starts_with("Traceback (most recent call last):") && said.contains("AttributeError: "), "{said}");
+    eprintln!("python-attribute-error: {failed}");
+}
+
+#[test]
+fn a_javascript_exception_in_pick_reaches_the_log_with_its_message() {
+    let _serial = one_at_a_time();
+    let (failed, said) = failure_seen_by_the_operator("js-throws");
+    assert!(failed.contains("pick: wasm trap: "), "{failed}");
+    assert!(failed.contains("; the plugin said: RangeError: js-throws: no route for / (2 backends)"), "{failed}");
+    assert!(said.starts_with("RangeError: js-throws: no route for /"), "{said}");
+    eprintln!("js-throws: {failed}");
 }

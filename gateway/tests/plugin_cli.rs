@@ -104,6 +104,9 @@ fn smoke_check_catches_a_plugin_that_only_fails_when_called() {
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.stderr.contains("pick #1 (GET / from 203.0.113.7) failed"), "{out:?}");
     assert!(out.stderr.contains("Trap"), "{out:?}");
+    // The panic's message, through the SDK's panic hook.
+    assert!(out.stderr.contains("the plugin said: panicked at "), "{out:?}");
+    assert!(out.stderr.contains("this plugin always traps"), "{out:?}");
 }
 
 #[test]

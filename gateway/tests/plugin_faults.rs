@@ -1,5 +1,6 @@
 //! A plugin that traps or loops forever in `pick` costs nothing but the fallback: every
-//! request is still answered, the gateway stays up, and the failure is logged.
+//! request is still answered, the gateway stays up, and the failure is logged (with the
+//! plugin's own account of it: a Rust panic's message).
 
 mod util;
 
@@ -91,7 +92,7 @@ fn spinning_plugin_is_stopped_by_the_deadline() {
 }
 
 #[test]
-fn folder_plugin_by_its_own_name_falls_back_too() {
+fn folder_plugin_by_its_own_name_falls_back_too_and_the_log_says_where_it_panicked() {
     let dir = TempDir::new();
     let file = dir.copy(&test_plugin("trap"), "trap.wasm");
     let (b1, b2) = (Backend::new("backend-1"), Backend::new("backend-2"));
@@ -100,7 +101,21 @@ fn folder_plugin_by_its_own_name_falls_back_too() {
 
     let seen = serve_all(&gw, &[&b1, &b2], 20, Duration::from_secs(2));
     assert_eq!(seen.len(), 2, "the fallback round robin used only {seen:?}");
-    assert_failure_logged(&gw, "trap");
+    // The SDK's panic hook logs the panic (`host.log` at error level) before the trap, and
+    // the gateway adds it to the failure's line: the operator reads where and why.
+    let warning = assert_failure_logged(&gw, "trap");
+    assert!(
+        warning.contains("pick: wasm trap: ")
+            && warning.contains("; the plugin said: panicked at ")
+            && warning.contains("src/lib.rs:")
+            && warning.contains(": this plugin always traps"),
+        "{warning}"
+    );
+    let said = gw.wait_for_log(Duration::from_secs(5), |l| l["level"] == "ERROR" && l["plugin"] == "trap");
+    assert!(
+        message(&said).starts_with("panicked at ") && message(&said).ends_with("this plugin always traps"),
+        "{said}"
+    );
     assert!(gw.is_running());
 }
 

@@ -1,7 +1,8 @@
 //! A plugin that hands the gateway more than it takes (10,000 response headers, a 100 MB
 //! reject body) or fills its host-held state (a key-value or counter bomb) fails that
 //! call with a message saying which limit, the request is still answered (by the
-//! fallback), and the gateway's memory does not grow with what the plugin tried.
+//! fallback), and the gateway's memory does not grow with what the plugin tried. A plugin
+//! that floods the log gets 10 lines a second written, and the rest counted.
 //!
 //! Each test prints its figures (requests answered, RSS before/after) for
 //! docs/reliability.md.
@@ -156,5 +157,42 @@ fn a_counter_bomb_hits_the_byte_cap_and_the_plugin_is_told() {
     );
     assert!(message(&line).contains("counter-add: the counters are full:"), "{line}");
     assert!(message(&line).contains("of 262144 bytes (plugins.counters_limit_kib)"), "{line}");
+    assert!(gw.is_running());
+}
+
+#[test]
+fn a_log_flood_is_cut_to_ten_lines_a_second_and_the_dropped_ones_are_counted() {
+    let dir = TempDir::new();
+    let (b1, b2) = (Backend::new("backend-1"), Backend::new("backend-2"));
+    let mut gw = start(&dir, &[&b1, &b2], "{ in: log-flood }", "");
+    let before = gw.rss_kib();
+    // 1,000 lines a request, on both worker threads.
+    let started = Instant::now();
+    let n = 20;
+    assert_eq!(answered(&gw, &[&b1, &b2], n, Duration::from_secs(2)), n);
+    // A second later, the first line written says how many were dropped.
+    std::thread::sleep(Duration::from_millis(1_100));
+    let mark = gw.log_mark();
+    assert_eq!(answered(&gw, &[&b1, &b2], 1, Duration::from_secs(2)), 1);
+    let last = gw.wait_for_log_after(mark, Duration::from_secs(5), |l| l.get("dropped").is_some());
+    assert!(message(&last).contains("log lines of this plugin were dropped: at most 10 a second"), "{last}");
+    assert!(last["level"] == "WARN" && last["plugin"] == "hostile" && last["upstream"] == "web", "{last}");
+    let seconds = started.elapsed().as_secs() + 1;
+    let written = gw.logs_matching(|l| l["plugin"] == "hostile" && message(l).starts_with("flood ")).len() as u64;
+    let dropped: u64 =
+        gw.logs_matching(|l| l.get("dropped").is_some()).iter().filter_map(|l| l["dropped"].as_u64()).sum();
+    println!(
+        "log flood: {} lines asked for in {seconds} s, {written} written, {dropped} dropped and counted",
+        (n + 1) * 1_000
+    );
+    assert!(written <= 10 * seconds, "{written} lines in {seconds} s");
+    assert!(dropped + written >= n as u64 * 1_000, "{dropped} counted as dropped, {written} written");
+    assert!(gw.logs_matching(|l| message(l).starts_with("plugin call failed")).is_empty(), "logging is not a failure");
+    report::hostile_plugin(
+        "1,000 log lines in every `pick`",
+        format!("{} of {}, by the plugin", n + 1, n + 1),
+        (before, gw.rss_kib()),
+        &format!("{written} of its lines in {seconds} s, then `{}`", message(&last)),
+    );
     assert!(gw.is_running());
 }

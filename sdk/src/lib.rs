@@ -161,6 +161,34 @@ pub fn answer(
     }
 }
 
+/// Makes a panic's message reach the operator: installs (once per instance) a panic
+/// hook that writes `panicked at FILE:LINE:COLUMN: MESSAGE` with [`host::log`] at
+/// [`host::level::ERROR`] before the panic aborts. The gateway attaches the last error
+/// logged in a call to the trap that ends it, so the failure's log line reads
+/// `pick: wasm trap: ...; the plugin said: panicked at src/lib.rs:42:9: ...`.
+///
+/// [`export_strategy!`] calls it from `configure`, which the gateway always calls first
+/// on a new instance: no cost per `pick`. On a native target (unit tests) it does
+/// nothing, so the test harness reports panics as usual.
+#[doc(hidden)]
+pub fn install_panic_hook() {
+    #[cfg(target_family = "wasm")]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| std::panic::set_hook(Box::new(|info| host::log(host::level::ERROR, &panic_text(info)))));
+    }
+}
+
+/// `panicked at FILE:LINE:COLUMN: MESSAGE`, as Rust's default hook words it (on one line).
+#[cfg_attr(not(target_family = "wasm"), allow(dead_code))]
+fn panic_text(info: &std::panic::PanicHookInfo<'_>) -> String {
+    let message = info.payload_as_str().unwrap_or("(a panic payload that is not text)");
+    match info.location() {
+        Some(at) => format!("panicked at {}:{}:{}: {message}", at.file(), at.line(), at.column()),
+        None => format!("panicked: {message}"),
+    }
+}
+
 /// A backend-selection strategy. One value lives in each plugin instance; the gateway
 /// keeps one instance per worker thread, so state that must be shared or must survive a
 /// hot swap belongs in [`host`] (counters, key-value store), not in `self`.
@@ -181,6 +209,11 @@ pub trait Strategy: Default {
 }
 
 /// Exports a [`Strategy`] type as the plugin's `policy`. Use it once per plugin crate.
+///
+/// A panic in the strategy traps the call (the gateway's fallback answers that request),
+/// and its message reaches the gateway's log: `configure` installs a panic hook that
+/// writes `panicked at FILE:LINE:COLUMN: MESSAGE` with [`host::log`] at error level,
+/// which the gateway attaches to the trap's message.
 #[macro_export]
 macro_rules! export_strategy {
     ($ty:ty) => {
@@ -196,6 +229,8 @@ macro_rules! export_strategy {
 
             impl $crate::bindings::exports::gateway::selector::policy::Guest for Export {
                 fn configure(params: ::std::string::String) -> ::core::result::Result<(), ::std::string::String> {
+                    // Once per instance, before any of the strategy's code runs.
+                    $crate::install_panic_hook();
                     STRATEGY.with(|s| $crate::Strategy::configure(&mut *s.borrow_mut(), &params))
                 }
 

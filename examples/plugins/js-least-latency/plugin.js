@@ -94,4 +94,32 @@ function pick(req, tried) {
   return { tag: "backend", val: chosen };
 }
 
-export const policy = { configure, poolChanged, pick };
+// An exception other than a thrown string ends the call with a trap: the gateway answers
+// that request with its fallback round robin. The engine's stderr goes nowhere, so this
+// writes the exception (message and stack) to the gateway's log at level 4 (error)
+// first: the gateway adds that text to its message for the failed call. A thrown string
+// is how `configure` refuses its params: it passes through as it is.
+function reportErrors(fn) {
+  return (...args) => {
+    try {
+      return fn(...args);
+    } catch (err) {
+      if (typeof err !== "string") host.log(4, describeError(err));
+      throw err;
+    }
+  };
+}
+
+// `TypeError: x is undefined` and where it happened. StarlingMonkey's `stack` lists
+// only the frames; V8's (Node) starts with the message.
+function describeError(err) {
+  const text = String(err);
+  const stack = err && typeof err.stack === "string" ? err.stack : "";
+  return stack.startsWith(text) ? stack : `${text}\n${stack}`.trimEnd();
+}
+
+export const policy = {
+  configure: reportErrors(configure),
+  poolChanged: reportErrors(poolChanged),
+  pick: reportErrors(pick),
+};

@@ -14,7 +14,11 @@ let loads = 0;
 async function load(engine, latencies) {
   const big = engine === "starlingmonkey";
   const counters = new Map();
+  const logs = [];
   const host = {
+    log(level, message) {
+      logs.push([level, message]);
+    },
     stats(i) {
       return { activeRequests: 0, ewmaLatencyUs: latencies[i] ?? 0, consecutiveFailures: 0 };
     },
@@ -30,7 +34,7 @@ async function load(engine, latencies) {
   const code = source.replace(IMPORT, `const host = globalThis.${key};`);
   const mod = await import(`data:text/javascript;base64,${Buffer.from(code).toString("base64")}#${key}`);
   const backends = latencies.map((_, i) => ({ id: `b${i}`, address: "", weight: 1, zone: "", labels: [], healthy: true }));
-  return { policy: mod.policy, backends, generation: big ? 1n : 1 };
+  return { policy: mod.policy, backends, generation: big ? 1n : 1, logs };
 }
 
 // The request resource: `tried()` lists what a retry must avoid; the body of a
@@ -81,8 +85,21 @@ for (const engine of ["quickjs", "starlingmonkey"]) {
   });
 }
 
+test("an unexpected exception is logged at error level with its message, then thrown again", async () => {
+  const { policy, backends, generation, logs } = await load("starlingmonkey", [100, 200]);
+  policy.configure("{}");
+  policy.poolChanged(generation, backends);
+  const broken = { tried: null }; // `req.tried()` is not a function
+  assert.throws(() => policy.pick(broken, 1), TypeError);
+  assert.equal(logs.length, 1, `${logs}`);
+  const [level, text] = logs[0];
+  assert.equal(level, 4);
+  assert.match(text, /^TypeError: /);
+  assert.match(text, /pick/, "the stack names the function");
+});
+
 test("configure refuses bad params with a message", async () => {
-  const { policy } = await load("quickjs", []);
+  const { policy, logs } = await load("quickjs", []);
   for (const [params, needle] of [
     ["not json", "not valid JSON"],
     ["[1]", "must be a JSON object"],
@@ -94,4 +111,5 @@ test("configure refuses bad params with a message", async () => {
   }
   policy.configure("{}");
   policy.configure('{"floor_us": 0}');
+  assert.deepEqual(logs, [], "a refusal is not an error of the plugin");
 });

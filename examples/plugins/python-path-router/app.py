@@ -14,7 +14,9 @@ Built with componentize-py (see README.md). componentize-py looks for a class
 named after the exported interface (`policy` -> `Policy`) in this module.
 """
 
+import functools
 import json
+import traceback
 
 from componentize_py_types import Err
 from wit_world import exports
@@ -74,7 +76,36 @@ class State:
 STATE = State()
 
 
+def report_errors(method):
+    """Writes an unexpected exception's traceback to the gateway's log (`host.log` at
+    level 4, error), then raises it again: the gateway adds that text to its message for
+    the failed call (stderr goes nowhere with --stub-wasi). `Err` passes through."""
+
+    @functools.wraps(method)
+    def call(*args):
+        try:
+            return method(*args)
+        except Err:
+            raise
+        except Exception as e:
+            host.log(4, format_traceback(e))
+            raise
+
+    return call
+
+
+def format_traceback(e: BaseException) -> str:
+    """`traceback.format_exc()` without the source lines (reading them touches the
+    filesystem, which traps with --stub-wasi)."""
+    # From the method down: the first frame is report_errors' own.
+    frames = traceback.StackSummary.extract(traceback.walk_tb(e.__traceback__.tb_next), lookup_lines=False)
+    lines = ["Traceback (most recent call last):\n"]
+    lines += [f'  File "{f.filename}", line {f.lineno}, in {f.name}\n' for f in frames]
+    return "".join(lines + traceback.format_exception_only(e))
+
+
 class Policy(exports.Policy):
+    @report_errors
     def configure(self, params: str) -> None:
         try:
             routes, label = parse_params(params)
@@ -83,6 +114,7 @@ class Policy(exports.Policy):
         STATE.routes = sorted(routes.items(), key=lambda kv: len(kv[0]), reverse=True)
         STATE.label = label
 
+    @report_errors
     def pool_changed(self, generation: int, backends: list[Backend]) -> None:
         healthy: list[int] = []
         by_value: dict[str, list[int]] = {}
@@ -96,6 +128,7 @@ class Policy(exports.Policy):
                     break
         STATE.healthy, STATE.by_value = healthy, by_value
 
+    @report_errors
     def pick(self, req: Request, tried: int) -> Decision:
         # `req` is borrowed: read from it, never close it. `tried` counts the backends
         # earlier attempts used; only a retry asks which ones.

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 def install_stubs():
     counters: dict[str, int] = {}
+    logs: list[tuple[int, str]] = []
 
     class Err(Exception):
         def __init__(self, value):
@@ -41,12 +42,15 @@ def install_stubs():
         counters[key] = counters.get(key, 0) + delta
         return counters[key]
 
+    def log(level, message):
+        logs.append((level, message))
+
     modules = {
         "componentize_py_types": {"Err": Err},
         "wit_world": {},
         "wit_world.exports": {"Policy": type("Policy", (), {})},
         "wit_world.imports": {},
-        "wit_world.imports.host": {"counter_add": counter_add},
+        "wit_world.imports.host": {"counter_add": counter_add, "log": log},
         "wit_world.imports.types": {
             "Backend": Backend,
             "Decision": object,
@@ -63,10 +67,10 @@ def install_stubs():
     sys.modules["wit_world"].imports = sys.modules["wit_world.imports"]
     sys.modules["wit_world.imports"].host = sys.modules["wit_world.imports.host"]
     sys.modules["wit_world.imports"].types = sys.modules["wit_world.imports.types"]
-    return counters, Err, Backend
+    return counters, logs, Err, Backend
 
 
-COUNTERS, Err, Backend = install_stubs()
+COUNTERS, LOGS, Err, Backend = install_stubs()
 import app  # noqa: E402
 
 
@@ -99,6 +103,7 @@ PARAMS = '{"routes": {"/api": "api", "/api/v2": "v2", "/static": "static"}, "lab
 class PathRouterTest(unittest.TestCase):
     def setUp(self):
         COUNTERS.clear()
+        LOGS.clear()
         app.STATE = app.State()
         # A fresh Policy object per call, as componentize-py may do.
         app.Policy().configure(PARAMS)
@@ -146,6 +151,20 @@ class PathRouterTest(unittest.TestCase):
             with self.assertRaises(Err, msg=params) as cm:
                 app.Policy().configure(params)
             self.assertIn(needle, cm.exception.value, params)
+        self.assertEqual(LOGS, [], "a refusal is not an error of the plugin")
+
+    def test_an_unexpected_exception_is_logged_with_its_traceback_and_raised_again(self):
+        class Broken(Req):
+            def path(self):
+                raise KeyError("no path today")
+
+        with self.assertRaises(KeyError):
+            app.Policy().pick(Broken("/"), 0)
+        [(level, text)] = LOGS
+        self.assertEqual(level, 4)
+        self.assertIn("Traceback (most recent call last):", text)
+        self.assertIn("in pick", text)
+        self.assertTrue(text.rstrip().endswith("KeyError: 'no path today'"), text)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 //! Generated bindings for `wit/selector.wit` and the host side of its imports.
 
+use super::guest_log::{Admit, ERROR_LEVEL, LOG_LINES_PER_SECOND, LogLimiter, MAX_GUEST_ERROR_BYTES, keep_ends};
 use super::reason::Reason;
 use super::shared::Namespace;
 use crate::pool::PoolSnapshot;
@@ -158,10 +159,21 @@ pub struct HostState {
     pub rng: u64,
     pub plugin: Arc<str>,
     pub upstream: Arc<str>,
+    /// The rate limit of this upstream's plugin's log lines (shared by its instances).
+    pub log_limit: Arc<LogLimiter>,
+    /// The text of the last error-level `log` of the current call (bounded): what the
+    /// plugin said went wrong, for the message of a trap that follows.
+    pub guest_error: Option<String>,
 }
 
 impl HostState {
-    pub fn new(limits: StoreLimits, namespace: Arc<Namespace>, plugin: Arc<str>, upstream: Arc<str>) -> Self {
+    pub fn new(
+        limits: StoreLimits,
+        namespace: Arc<Namespace>,
+        plugin: Arc<str>,
+        upstream: Arc<str>,
+        log_limit: Arc<LogLimiter>,
+    ) -> Self {
         let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
         HostState {
             limits,
@@ -172,6 +184,16 @@ impl HostState {
             rng: seed ^ 0x9E37_79B9_7F4A_7C15 ^ (Arc::as_ptr(&plugin) as *const u8 as u64),
             plugin,
             upstream,
+            log_limit,
+            guest_error: None,
+        }
+    }
+
+    /// A call into the guest begins: what an earlier call logged says nothing about it.
+    #[inline]
+    pub fn begin_call(&mut self) {
+        if self.guest_error.is_some() {
+            self.guest_error = None;
         }
     }
 
@@ -247,16 +269,46 @@ impl HostState {
         )?;
         host.func_wrap("log", |mut store: StoreContextMut<'_, HostState>, (level, message): (u8, WasmStr)| {
             let text = message.to_str(store.as_context())?;
+            // An error's beginning and end, from the whole text: a traceback names the
+            // exception last.
+            let error = (level >= ERROR_LEVEL).then(|| keep_ends(text.trim_end(), MAX_GUEST_ERROR_BYTES));
             let message = cut(&text, MAX_LOG_BYTES).into_owned();
-            store.data_mut().write_log(level, message);
+            let state = store.data_mut();
+            if error.is_some() {
+                state.guest_error = error;
+            }
+            state.write_log(level, message);
             Ok(())
         })?;
         linker.allow_shadowing(false);
         Ok(())
     }
 
+    /// Writes the plugin's log line, unless the plugin is over its rate
+    /// ([`LOG_LINES_PER_SECOND`]); then it is counted, and the count is written with the
+    /// next line that passes. Lines the log filter leaves out do not count.
     fn write_log(&mut self, level: u8, message: String) {
         let (plugin, upstream) = (&*self.plugin, &*self.upstream);
+        let enabled = match level {
+            0 => tracing::enabled!(tracing::Level::TRACE),
+            1 => tracing::enabled!(tracing::Level::DEBUG),
+            2 => tracing::enabled!(tracing::Level::INFO),
+            3 => tracing::enabled!(tracing::Level::WARN),
+            _ => tracing::enabled!(tracing::Level::ERROR),
+        };
+        if !enabled {
+            return;
+        }
+        match self.log_limit.admit() {
+            Admit::Drop => return,
+            Admit::Write { dropped: 0 } => {}
+            Admit::Write { dropped } => tracing::warn!(
+                plugin,
+                upstream,
+                dropped,
+                "{dropped} log lines of this plugin were dropped: at most {LOG_LINES_PER_SECOND} a second are written"
+            ),
+        }
         match level {
             0 => tracing::trace!(plugin, upstream, "{message}"),
             1 => tracing::debug!(plugin, upstream, "{message}"),
@@ -363,6 +415,9 @@ impl gen_::gateway::selector::host::Host for HostState {
     }
 
     fn log(&mut self, level: u8, message: String) {
+        if level >= ERROR_LEVEL {
+            self.guest_error = Some(keep_ends(message.trim_end(), MAX_GUEST_ERROR_BYTES));
+        }
         self.write_log(level, message);
     }
 }

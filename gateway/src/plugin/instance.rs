@@ -4,6 +4,7 @@ use super::bindings::{
     AnswerTooLarge, CurrentRequest, HostState, MAX_REASON_BYTES, RequestRef, SelectorBindings, StoreLimits, WitBackend,
     WitDecision, cut,
 };
+use super::guest_log::LogLimiter;
 use super::quarantine::{Quarantine, Transition};
 use super::{Origin, Plugin, PluginError, PluginHost, setup, shared::Namespace};
 use crate::pool::PoolSnapshot;
@@ -182,6 +183,8 @@ pub struct Binding {
     quarantine: Quarantine,
     /// The last pool view pushed to an instance: what a new version is checked against.
     last_pool: ArcSwapOption<PoolSnapshot>,
+    /// The rate limit of the plugin's log lines, shared by all its instances.
+    log_limit: Arc<LogLimiter>,
 }
 
 impl std::fmt::Debug for Binding {
@@ -209,6 +212,7 @@ impl Binding {
             setup_failures: AtomicU64::new(0),
             quarantine: Quarantine::new(host.budget().quarantine),
             last_pool: ArcSwapOption::empty(),
+            log_limit: Arc::default(),
             host,
         }
     }
@@ -339,7 +343,9 @@ impl Binding {
                 let members = old_view.as_ref().map_or(pool.members.len(), |v| v.members.len());
                 slot.store.set_epoch_deadline(ticks);
                 let taken = std::mem::replace(parts, blank_parts());
-                slot.store.data_mut().request = Some(CurrentRequest::new(taken, client_ip, exclude));
+                let state = slot.store.data_mut();
+                state.begin_call();
+                state.request = Some(CurrentRequest::new(taken, client_ip, exclude));
                 let result = slot.bindings.gateway_selector_policy().call_pick(
                     &mut slot.store,
                     Resource::<RequestRef>::new_borrow(0),
@@ -349,7 +355,7 @@ impl Binding {
                     unreachable!("only `pick` takes the request out of the store");
                 };
                 *parts = req.parts;
-                let target = match result.map_err(|e| call_error("pick", e))? {
+                let target = match result.map_err(|e| call_error("pick", e, slot.store.data_mut()))? {
                     WitDecision::Backend(i) if (i as usize) < members => match &old_view {
                         None => Target::Backend(i),
                         Some(old) => {
@@ -556,10 +562,11 @@ impl Binding {
             })
             .collect();
         slot.store.set_epoch_deadline(self.host.budget().setup_ticks);
+        slot.store.data_mut().begin_call();
         slot.bindings
             .gateway_selector_policy()
             .call_pool_changed(&mut slot.store, pool.generation, &backends)
-            .map_err(|e| call_error("pool-changed", e))?;
+            .map_err(|e| call_error("pool-changed", e, slot.store.data_mut()))?;
         slot.store.data_mut().pool = Some(pool.clone());
         slot.generation = pool.generation;
         if self.last_pool.load().as_ref().is_none_or(|p| p.generation < pool.generation) {
@@ -571,7 +578,13 @@ impl Binding {
     fn instantiate(&self, plugin: &Plugin) -> Result<Slot, SetupError> {
         let budget = self.host.budget();
         let limits = StoreLimits { memory_bytes: budget.memory_bytes };
-        let state = HostState::new(limits, self.namespace.clone(), plugin.name.as_str().into(), self.upstream.clone());
+        let state = HostState::new(
+            limits,
+            self.namespace.clone(),
+            plugin.name.as_str().into(),
+            self.upstream.clone(),
+            self.log_limit.clone(),
+        );
         let mut store = Store::new(self.host.engine(), state);
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(budget.setup_ticks);
@@ -580,7 +593,9 @@ impl Binding {
         bindings
             .gateway_selector_policy()
             .call_configure(&mut store, &self.params)
-            .map_err(|e| SetupError::Call("configure", describe_error(&e)))?
+            .map_err(|e| {
+                SetupError::Call("configure", describe_error(&e, guest_said(&e, store.data_mut()).as_deref()))
+            })?
             // The plugin's own text, bounded: it ends up in logs and the admin API.
             .map_err(|m| SetupError::Configure(cut(&m, MAX_REASON_BYTES).into_owned()))?;
         Ok(Slot { version: plugin.version, generation: 0, store, bindings })
@@ -601,14 +616,28 @@ fn blank_parts() -> http::request::Parts {
     http::Request::new(()).into_parts().0
 }
 
-/// A failed call into the plugin, the message naming the call (`pick`, `pool-changed`).
-fn call_error(call: &str, e: wasmtime::Error) -> PickError {
-    let kind = match e.downcast_ref::<Trap>() {
+/// A failed call into the plugin, the message naming the call (`pick`, `pool-changed`)
+/// and, for a trap, what the plugin said went wrong (`state`'s last error log).
+fn call_error(call: &str, e: wasmtime::Error, state: &mut HostState) -> PickError {
+    let said = guest_said(&e, state);
+    PickError { kind: error_kind(&e), message: format!("{call}: {}", describe_error(&e, said.as_deref())) }
+}
+
+fn error_kind(e: &wasmtime::Error) -> PickErrorKind {
+    match e.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => PickErrorKind::Timeout,
         _ if e.downcast_ref::<AnswerTooLarge>().is_some() => PickErrorKind::BadAnswer,
         _ => PickErrorKind::Trap,
-    };
-    PickError { kind, message: format!("{call}: {}", describe_error(&e)) }
+    }
+}
+
+/// For a trap: the text of the plugin's last error-level `log` in the call that failed
+/// (a Python traceback, a Rust panic message, a JavaScript exception), if it wrote one.
+/// None for a timeout (whatever it logged before it was stopped is not why) or a bad
+/// answer (the gateway's own check).
+fn guest_said(e: &wasmtime::Error, state: &mut HostState) -> Option<String> {
+    let said = state.guest_error.take();
+    if error_kind(e) == PickErrorKind::Trap { said } else { None }
 }
 
 fn instantiate_error(e: SetupError) -> PickError {
@@ -621,7 +650,9 @@ fn instantiate_error(e: SetupError) -> PickError {
     }
 }
 
-fn describe_error(e: &wasmtime::Error) -> String {
+/// The error as an operator reads it: the trap (or error), the guest function it
+/// happened in when the plugin kept its symbols, and what the plugin said (`said`).
+fn describe_error(e: &wasmtime::Error, said: Option<&str>) -> String {
     let mut text = match e.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => return "ran past its deadline and was stopped".to_owned(),
         Some(trap) => trap.to_string(),
@@ -632,6 +663,10 @@ fn describe_error(e: &wasmtime::Error) -> String {
         && let Some(func) = frame.func_name()
     {
         text.push_str(&format!(" (in {func})"));
+    }
+    if let Some(said) = said {
+        text.push_str("; the plugin said: ");
+        text.push_str(said);
     }
     text
 }

@@ -10,6 +10,7 @@ mod bindings;
 mod builtin;
 mod cache;
 mod compile;
+mod guest_log;
 mod instance;
 pub mod lookup;
 mod quarantine;

@@ -3,6 +3,7 @@
 //! - `{"in": "reject-body"}`: every `pick` rejects with a 100 MB body;
 //! - `{"in": "kv-bomb"}`: every `pick` writes 1,000 new keys of 1 KiB each (forever);
 //! - `{"in": "counter-bomb"}`: every `pick` makes 1,000 new counters;
+//! - `{"in": "log-flood"}`: every `pick` writes 1,000 log lines (`flood N`, warn);
 //! - `{"in": "answer"}`: every `pick` answers what the request's `x-answer` header
 //!   spells (hex; see [`answer`]), valid or not: the answer fuzzer's plugin.
 //!
@@ -23,6 +24,7 @@ enum Mode {
     RejectBody,
     KvBomb,
     CounterBomb,
+    LogFlood,
     Answer,
 }
 
@@ -34,6 +36,8 @@ impl Strategy for Hostile {
             Mode::KvBomb
         } else if params.contains("\"counter-bomb\"") {
             Mode::CounterBomb
+        } else if params.contains("\"log-flood\"") {
+            Mode::LogFlood
         } else if params.contains("\"answer\"") {
             Mode::Answer
         } else {
@@ -71,6 +75,12 @@ impl Strategy for Hostile {
             Mode::CounterBomb => {
                 for i in 0..1_000 {
                     host::counter_add(&format!("bomb-{turn}-{i}"), 1);
+                }
+                next()
+            }
+            Mode::LogFlood => {
+                for i in 0..1_000 {
+                    host::log(host::level::WARN, &format!("flood {turn}-{i}"));
                 }
                 next()
             }
