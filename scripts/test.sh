@@ -70,8 +70,10 @@ if [ -z "${SKIP_LINT:-}" ]; then
   step "cargo fmt --check"
   cargo fmt --all -- --check
   step "cargo clippy (in the background, target/clippy; its output is shown at the end)"
+  # On a fresh clone target/ does not exist yet, and the redirection below needs it.
+  mkdir -p target/clippy
   CARGO_TARGET_DIR=target/clippy cargo clippy --quiet --profile ci --workspace --all-targets -- -D warnings \
-    >target/clippy.log 2>&1 &
+    >target/clippy/lint.log 2>&1 &
   clippy_pid=$!
 fi
 
@@ -120,11 +122,11 @@ node --test examples/plugins/js-least-latency/
 if [ -n "$clippy_pid" ]; then
   step "cargo clippy (waiting for the background run)"
   if ! wait "$clippy_pid"; then
-    cat target/clippy.log
+    cat target/clippy/lint.log
     echo "cargo clippy found problems (above)" >&2
     exit 1
   fi
-  cat target/clippy.log
+  cat target/clippy/lint.log
 fi
 
 step "tests"
