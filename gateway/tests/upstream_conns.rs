@@ -1,13 +1,21 @@
-//! The backend connection pool: each upstream's own connect timeout, and idle
-//! keep-alive connections closed after `pool.idle_timeout` (or not kept at all with
-//! `pool.max_idle: 0`).
+//! The backend connection pool: each upstream's own connect timeout, idle keep-alive
+//! connections closed after `pool.idle_timeout` (or not kept at all with
+//! `pool.max_idle: 0`), and HTTP/2 connections a backend closes with GOAWAY opened
+//! again without failing a request.
 
 mod util;
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::server::conn::http2;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use util::{Gateway, TempDir};
+use util::{Gateway, TempDir, Traffic, poll_until};
 
 /// A listening socket that never accepts, its backlog filled: a new connection to it
 /// waits for its SYN to be answered, like a backend behind a black hole. Loopback only.
@@ -134,4 +142,128 @@ fn max_idle_zero_keeps_no_connection() {
     assert_eq!(util::get(gw.addr, "/").0, 200);
     let open = closed.recv_timeout(Duration::from_secs(15)).expect("the gateway closes the connection");
     assert!(open < Duration::from_millis(800), "not kept idle: closed after {open:?}");
+}
+
+/// An h2c backend that closes each connection gracefully (GOAWAY, then the streams in
+/// flight finish) once it has answered `per_connection` requests on it, as servers with
+/// a maximum connection age or request count do. Stopped when dropped.
+struct GoawayBackend {
+    addr: SocketAddr,
+    /// Connections accepted.
+    accepted: Arc<AtomicUsize>,
+    /// Connections closed with GOAWAY.
+    goaways: Arc<AtomicUsize>,
+    /// Requests answered, on all connections.
+    answered: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl GoawayBackend {
+    fn start(per_connection: usize) -> GoawayBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, goaways, answered) = (Arc::default(), Arc::default(), Arc::default());
+        let task = util::rt().spawn({
+            let (accepted, goaways, answered): (Arc<AtomicUsize>, Arc<AtomicUsize>, Arc<AtomicUsize>) =
+                (Arc::clone(&accepted), Arc::clone(&goaways), Arc::clone(&answered));
+            async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                while let Ok((stream, _)) = listener.accept().await {
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    let (goaways, answered) = (goaways.clone(), answered.clone());
+                    tokio::spawn(async move {
+                        let served = Arc::new(AtomicUsize::new(0));
+                        let enough = Arc::new(tokio::sync::Notify::new());
+                        let service = service_fn({
+                            let (served, enough) = (served.clone(), enough.clone());
+                            move |_req| {
+                                answered.fetch_add(1, Ordering::SeqCst);
+                                if served.fetch_add(1, Ordering::SeqCst) + 1 == per_connection {
+                                    enough.notify_one();
+                                }
+                                async {
+                                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(
+                                        "h2",
+                                    ))))
+                                }
+                            }
+                        });
+                        let conn =
+                            http2::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service);
+                        let mut conn = std::pin::pin!(conn);
+                        tokio::select! {
+                            _ = conn.as_mut() => return,
+                            _ = enough.notified() => {}
+                        }
+                        conn.as_mut().graceful_shutdown();
+                        goaways.fetch_add(1, Ordering::SeqCst);
+                        let _ = conn.await;
+                    });
+                }
+            }
+        });
+        GoawayBackend { addr, accepted, goaways, answered, task }
+    }
+}
+
+impl Drop for GoawayBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[test]
+fn http2_connections_closed_with_goaway_are_opened_again_without_failing_a_request() {
+    const PER_CONNECTION: usize = 25;
+    const CLIENTS: usize = 4;
+    let backend = GoawayBackend::start(PER_CONNECTION);
+    let dir = TempDir::new();
+    // One attempt per request: a request lost on a closing connection would reach the
+    // client as a 502 instead of being hidden by a retry.
+    let gw = start(
+        &dir,
+        &format!(
+            "\
+listeners:
+  - address: 127.0.0.1:0
+threads: 2
+access_log: false
+upstreams:
+  grpc:
+    protocol: h2c
+    retries: {{ attempts: 1 }}
+    health_check: {{ enabled: false }}
+    backends: [ {{ address: {} }} ]
+",
+            backend.addr
+        ),
+    );
+    let clients: Vec<Traffic> = (0..CLIENTS).map(|_| Traffic::start(gw.addr)).collect();
+    let wanted = 40 * PER_CONNECTION;
+    poll_until(Duration::from_secs(60), Duration::from_millis(20), || {
+        (backend.answered.load(Ordering::SeqCst) >= wanted).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{wanted} requests answered within 60s"));
+    let (mut sent, mut failures) = (0, Vec::new());
+    for c in clients {
+        let (n, f) = c.finish();
+        sent += n;
+        failures.extend(f);
+    }
+    let accepted = backend.accepted.load(Ordering::SeqCst);
+    let goaways = backend.goaways.load(Ordering::SeqCst);
+    println!(
+        "{sent} requests from {CLIENTS} clients, {} failed; the backend sent {goaways} GOAWAYs and accepted {accepted} connections",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "failed requests: {:?}", &failures[..failures.len().min(10)]);
+    // Each connection carried about PER_CONNECTION requests (a few more that were in
+    // flight when its GOAWAY went out): the gateway opened a new one after every GOAWAY.
+    assert!(goaways >= 30, "{goaways} GOAWAYs sent for {sent} requests");
+    assert!(accepted > goaways, "{accepted} connections accepted after {goaways} GOAWAYs");
+    assert!(
+        accepted * 2 * PER_CONNECTION >= sent as usize,
+        "{sent} requests on {accepted} connections that each close after {PER_CONNECTION}"
+    );
 }
