@@ -1,6 +1,6 @@
 //! At the edge: PROXY protocol v1/v2 listeners (the client address an L4 balancer
-//! passes on reaches `X-Forwarded-For` and the access log; a connection without the header
-//! is closed), per-route `max_body_bytes` (413 before any backend for a declared length,
+//! passes on reaches `X-Forwarded-For`, the access log and plugins' `client-ip`; a
+//! connection without the header is closed), per-route `max_body_bytes` (413 before any backend for a declared length,
 //! a chunked body cut as it streams), a total request timeout (504), and 502/504 bodies
 //! that tell the client nothing about the backends.
 
@@ -136,6 +136,57 @@ fn proxy_protocol_v1_and_v2_give_the_client_address_and_a_connection_without_it_
         .is_some(),
         "refused connections are counted"
     );
+}
+
+/// Through a PROXY listener, `consistent-hash` on `client-ip` sends each client to the
+/// backend that the same hash on a header carrying that address picks (same backends,
+/// same ids, so the same ring): the plugin hashed the address from the PROXY header,
+/// not the balancer's (which would send every client to one backend).
+#[test]
+fn the_client_address_from_a_proxy_header_is_the_plugins_client_ip() {
+    let backends = [Backend::new("a"), Backend::new("b"), Backend::new("c")];
+    let list: String = backends.iter().map(|b| format!("{{ address: {}, id: {} }}, ", b.addr(), b.name())).collect();
+    let dir = TempDir::new();
+    let yaml = format!(
+        "\
+listeners: [ {{ address: 127.0.0.1:0, proxy_protocol: true }} ]
+threads: 1
+access_log: false
+routes:
+  - {{ path_prefix: /by-ip, upstream: by_ip }}
+  - {{ path_prefix: /by-header, upstream: by_header }}
+upstreams:
+  by_ip:
+    strategy: {{ plugin: consistent-hash, params: {{ key: client-ip }} }}
+    health_check: {{ enabled: false }}
+    backends: [ {list} ]
+  by_header:
+    strategy: {{ plugin: consistent-hash, params: {{ key: \"header:x-client\" }} }}
+    health_check: {{ enabled: false }}
+    backends: [ {list} ]
+"
+    );
+    let gw = start(&dir, &yaml);
+    // The backend that answered `GET path` sent from `client` through a v1 PROXY header.
+    let via = |client: &str, path: &str, header: &str| {
+        let request = format!(
+            "PROXY TCP4 {client} 10.0.0.1 40000 8080\r\nGET {path} HTTP/1.1\r\nHost: shop.example\r\n{header}Connection: close\r\n\r\n"
+        );
+        let answer = exchange(gw.addr, request.as_bytes()).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        answer.rsplit("\r\n\r\n").next().unwrap().trim().to_owned()
+    };
+    let mut by_ip = Vec::new();
+    for i in 1..=24 {
+        let client = format!("198.51.100.{i}");
+        let hashed = via(&client, "/by-ip", "");
+        assert_eq!(hashed, via(&client, "/by-header", &format!("x-client: {client}\r\n")), "client {client}");
+        by_ip.push(hashed);
+    }
+    by_ip.sort();
+    by_ip.dedup();
+    println!("24 client addresses from PROXY headers went to backends {by_ip:?}");
+    assert!(by_ip.len() > 1, "24 client addresses all went to {by_ip:?}: the plugin saw one address");
 }
 
 /// A backend that never answers and counts every byte it receives (request line,

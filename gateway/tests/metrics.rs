@@ -1,13 +1,14 @@
 //! `/metrics` on the admin listener, read as Prometheus would: request counters per
 //! backend and status class, the gateway's own answers by reason (no route, malformed
-//! requests), latency histograms, backend state, plugin decisions; `--no-metrics`.
+//! requests), latency histograms, backend state, plugin decisions, response headers a
+//! plugin may not set (dropped and counted); `--no-metrics`.
 
 mod util;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::time::Duration;
-use util::{Backend, Gateway, TempDir, get, poll_until};
+use util::{Backend, Gateway, TempDir, get, poll_until, request_with_headers, test_plugin};
 
 /// `name{labels} value` lines of an exposition, keyed by `name{labels}`.
 fn samples(text: &str) -> HashMap<String, f64> {
@@ -154,4 +155,50 @@ fn a_retried_request_that_succeeds_is_the_backends_answer_and_counts_a_retry() {
         m.keys().filter(|k| k.starts_with("gateway_generated")).collect::<Vec<_>>()
     );
     assert_eq!(value(&m, "gateway_route_requests_total{route=\"books\",upstream=\"web\",code=\"2xx\"}"), 10.0);
+}
+
+/// The `x-answer` spelling (tests/plugins/hostile, `answer` mode) of "backend 0, with
+/// these response headers".
+fn backend_0_with(headers: &[(&str, &str)]) -> String {
+    let mut b = vec![0u8];
+    b.extend(0u32.to_le_bytes());
+    b.extend(0u32.to_le_bytes());
+    b.extend((headers.len() as u16).to_le_bytes());
+    for (n, v) in headers {
+        b.extend((n.len() as u16).to_le_bytes());
+        b.extend(n.as_bytes());
+        b.extend((v.len() as u16).to_le_bytes());
+        b.extend(v.as_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn framing_and_hop_by_hop_headers_a_plugin_sets_are_dropped_and_counted() {
+    let a = Backend::new("a");
+    let dir = TempDir::new();
+    dir.copy(&test_plugin("hostile"), "hostile.wasm");
+    let yaml = config(&[&a], "")
+        .replace("    health_check:", "    strategy: {plugin: hostile, params: {in: answer}}\n    health_check:");
+    let gw = Gateway::with_config(&dir.write("gw.yaml", yaml), dir.path());
+    let key = "gateway_plugin_dropped_headers_total{upstream=\"web\",plugin=\"hostile\"}";
+    assert_eq!(value(&scrape(gw.admin_addr()), key), 0.0);
+
+    let answer = backend_0_with(&[
+        ("content-length", "999"),
+        ("transfer-encoding", "gzip"),
+        ("connection", "close"),
+        ("x-from-plugin", "kept"),
+    ]);
+    for i in 0..5 {
+        let reply =
+            request_with_headers(gw.addr, "GET", &format!("/book/{i}"), &[("x-answer", &answer)]).expect("an answer");
+        assert_eq!((reply.status, reply.body.as_str()), (200, "a"), "request {i}");
+        assert_eq!(reply.header("x-from-plugin"), "kept", "a plain header the plugin set is sent");
+        assert_ne!(reply.header("content-length"), "999");
+        assert_ne!(reply.header("transfer-encoding"), "gzip");
+        assert_ne!(reply.header("connection"), "close");
+    }
+    // Three dropped per request.
+    assert_eq!(value(&scrape(gw.admin_addr()), key), 15.0);
 }

@@ -154,6 +154,15 @@ fn compiling_python_plugins_leaves_the_gateway_as_small_as_loading_them_from_the
             "rss_kib_after_swap_100": format!("{last} (after swap {swaps}), max {}", rss.iter().max().unwrap()),
         }),
     );
-    assert!(last * 10 <= early * 11, "RSS grew from {early} KiB (swap 4) to {last} KiB (swap {swaps}): {rss:?}");
+    // A leak grows with the swaps; the allocator's arenas step up and down by a few MiB
+    // (one run read 91 MB after swap 1, 79 after swap 2, 92 after swap 19). So the second
+    // half's highest reading is held to the first half's highest plus 10%.
+    let (first, second) = rss.split_at(swaps / 2);
+    let (first_max, second_max) = (*first.iter().max().unwrap(), *second.iter().max().unwrap());
+    assert!(
+        second_max * 10 <= first_max * 11,
+        "RSS grew: at most {first_max} KiB over swaps 1-{}, {second_max} KiB over the rest: {rss:?}",
+        swaps / 2
+    );
     drop(gw);
 }

@@ -1,14 +1,14 @@
 //! A plugin that keeps failing is quarantined (the fallback serves, the plugin is not
-//! called) and tried again after a backoff; a plugin that hangs in `pool-changed` is
-//! refused by a hot swap, and after a pool change it stalls no request: instances are
-//! built off the request path.
+//! called) and tried again after a backoff; a plugin that hangs in `pool-changed` or
+//! `configure` is refused by a hot swap (and stops a start, saying why), and after a pool
+//! change it stalls no request: instances are built off the request path.
 
 mod util;
 
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use util::{Backend, Gateway, TempDir, get, message, report, test_plugin};
+use util::{Backend, Gateway, TempDir, Traffic, get, message, report, run_cli, test_plugin};
 
 fn yaml(backends: &[&Backend], strategy: &str, params: &str, plugins_extra: &str) -> String {
     let list: String = backends.iter().map(|b| format!("      - {{ address: {} }}\n", b.addr())).collect();
@@ -126,6 +126,74 @@ fn a_hot_swap_to_a_plugin_that_hangs_in_pool_changed_is_refused_naming_the_call(
         (rss_before, gw.rss_kib()),
         message(&refused),
     );
+}
+
+#[test]
+fn a_hot_swap_to_a_plugin_that_hangs_in_configure_is_refused_naming_the_call() {
+    let dir = TempDir::new();
+    dir.copy(&test_plugin("first"), "probe.wasm");
+    let (b1, b2) = (Backend::new("backend-1"), Backend::new("backend-2"));
+    let config = dir.write("gw.yaml", yaml(&[&b1, &b2], "probe", "{ in: configure }", "setup_deadline: 300ms"));
+    let gw = Gateway::with_config(&config, dir.path());
+    assert_eq!(serve(&gw, &[&b1], 5, Duration::from_secs(1)), vec!["backend-1"; 5]);
+    let rss_before = gw.rss_kib();
+    let traffic = Traffic::start(gw.addr);
+
+    // The new file's `configure` never returns: no instance of it can ever be built.
+    let mark = gw.log_mark();
+    let swapped_at = Instant::now();
+    let spin = std::fs::read(test_plugin("spin")).unwrap();
+    std::fs::write(dir.path().join("probe.wasm.tmp"), &spin).unwrap();
+    std::fs::rename(dir.path().join("probe.wasm.tmp"), dir.path().join("probe.wasm")).unwrap();
+    let refused = gw.wait_for_log_after(mark, Duration::from_secs(10), |l| {
+        message(l).starts_with("plugin refused") || message(l).starts_with("plugin swapped")
+    });
+    let took = swapped_at.elapsed();
+    // The last good version keeps serving, every request on time, none failed.
+    assert_eq!(serve(&gw, &[&b1], 20, Duration::from_millis(500)), vec!["backend-1"; 20]);
+    let others: Vec<String> = traffic.after(swapped_at).into_iter().filter(|b| b != "backend-1").collect();
+    let (sent, failures) = traffic.finish();
+    let text = message(&refused);
+    let answered = sent as usize - failures.len() - others.len();
+    eprintln!(
+        "configure hang by hot swap: refused in {:.2} s; {answered} of {sent} requests meanwhile answered by the old plugin; RSS {rss_before} -> {} KiB: {text}",
+        took.as_secs_f64(),
+        gw.rss_kib()
+    );
+    report::hostile_plugin(
+        "infinite loop in `configure`, by hot swap",
+        format!("{answered} of {sent}, by the old plugin"),
+        (rss_before, gw.rss_kib()),
+        text,
+    );
+    assert!(text.starts_with("plugin refused, the previous version keeps serving"), "{refused}");
+    assert!(text.contains("failed during configure"), "the refusal does not name the call: {refused}");
+    assert!(text.contains("ran past its deadline"), "the refusal does not say it ran over: {refused}");
+    assert!(failures.is_empty(), "requests failed during the swap: {failures:?}");
+    assert!(others.is_empty(), "requests served by another plugin than the old one: {others:?}");
+    assert!(sent > 20, "only {sent} requests during the swap");
+}
+
+#[test]
+fn a_start_with_a_plugin_that_hangs_in_configure_stops_naming_the_plugin_the_call_and_the_deadline() {
+    let dir = TempDir::new();
+    dir.copy(&test_plugin("spin"), "spin.wasm");
+    let b1 = Backend::new("backend-1");
+    let config = dir.write("gw.yaml", yaml(&[&b1], "spin", "{ in: configure }", "setup_deadline: 300ms"));
+    let out = run_cli(
+        &["--config", config.to_str().unwrap(), "--plugins", dir.path().to_str().unwrap()],
+        Duration::from_secs(30),
+    );
+    let err = out.stderr.trim();
+    eprintln!(
+        "start with a plugin that hangs in configure: exit {:?} after {:.2} s: {err}",
+        out.code,
+        out.elapsed.as_secs_f64()
+    );
+    assert!(out.code.is_some_and(|c| c != 0), "the gateway started with a plugin that hangs: {out:?}");
+    assert!(err.contains("spin.wasm"), "the plugin is not named: {err}");
+    assert!(err.contains("configure") && err.contains("ran past its deadline"), "{err}");
+    assert!(out.elapsed < Duration::from_secs(10), "took {:?} to give up", out.elapsed);
 }
 
 #[test]

@@ -227,6 +227,83 @@ fn a_backend_answering_500_costs_the_others_at_most_the_retry_budget() {
     assert!(retries as f64 > 0.25 * requests as f64, "{retries} retries for {requests} requests");
 }
 
+#[test]
+fn a_backend_answering_500_with_the_defaults_is_ejected_and_no_client_sees_a_500() {
+    let _serial = serial();
+    // Nothing but the backends and the health-check path configured: passive ejection
+    // after 5 failures in a row for 5 s (then 10 s, ...), the retry budget 20% + 10/s,
+    // 3 attempts. /healthz passes, so only passive health sees the 500s.
+    let bad = Backend::failing("bad", 500);
+    let good = [Backend::new("good-1"), Backend::new("good-2")];
+    let list = backend_list(&[
+        ("bad".into(), bad.addr()),
+        ("good-1".into(), good[0].addr()),
+        ("good-2".into(), good[1].addr()),
+    ]);
+    let dir = TempDir::new();
+    let gw = start(
+        &dir,
+        &format!(
+            "listeners: [{{address: 127.0.0.1:0}}]\nthreads: 2\naccess_log: false\nupstreams:\n  web:\n    health_check: {{path: /healthz}}\n    backends:\n{list}"
+        ),
+    );
+    let admin = gw.admin_addr();
+    // 12 s: past the end of the first ejection (5 s), not of the second (10 s more).
+    let seconds = 12;
+    let load = Load::start(gw.addr, 16, "/item");
+    let counts = Counts::start(admin, "bad", load.started);
+    std::thread::sleep(Duration::from_secs(seconds));
+    let samples = load.finish();
+    let run = samples.last().map_or(Duration::ZERO, |s| s.at);
+    let counts = counts.finish();
+    let metrics = scrape(admin);
+    let (made, skipped) = retries(&metrics);
+    let after_500 = metrics.get("gateway_retries_total{upstream=\"web\",reason=\"5xx\"}").copied().unwrap_or(-1.0);
+
+    let requests = samples.len();
+    let errors = samples.iter().filter(|s| s.status == 500).count();
+    let failed = samples.iter().filter(|s| s.status != 200).count();
+    let sent_to_bad = bad.hits().iter().filter(|h| h.path != "/healthz").count();
+    let ejections = gw.logs_matching(|l| message(l).starts_with("backend ejected") && l["backend"] == "bad");
+    let returns = gw.logs_matching(|l| message(l).starts_with("ejection over") && l["backend"] == "bad");
+    let stopped = stopped_at(&counts, Duration::ZERO, run);
+    let first_ejection = count_at(&counts, stopped.unwrap_or(run));
+    // Its return from the first ejection (its first request after it), and how long
+    // until the second ejection stopped it again.
+    let back = stopped.and_then(|t| counts.iter().find(|(at, n)| *at > t && *n > first_ejection)).map(|(at, _)| *at);
+    let again = back.and_then(|t| stopped_at(&counts, t, run).map(|s| (t, s - t)));
+    let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1e3);
+    let budget = 0.2 * requests as f64 + 10.0 * run.as_secs_f64();
+    let figures = format!(
+        "500s from one of three backends, defaults (passive ejection on), 16 clients, {seconds} s: {requests} requests, {errors} clients got a 500, {failed} failed, p99 {:.1} ms, slowest {:.0} ms; the bad backend stopped getting requests within {} of the start ({first_ejection} sent to it), {}; ejected {} times, back {} times; {sent_to_bad} requests sent to it in all; {made:.0} retries ({:.2}% of requests; {after_500:.0} after a 500, the others of requests waiting on it when it was ejected) of a budget of {budget:.0}, {skipped:.0} skipped",
+        quantile_ms(&samples.iter().collect::<Vec<_>>(), 0.99),
+        quantile_ms(&samples.iter().collect::<Vec<_>>(), 1.0),
+        stopped.map_or("never".to_owned(), |t| ms(t + Duration::from_millis(20))),
+        again.map_or("never back, or never out again".to_owned(), |(t, s)| format!(
+            "back {:.1} s after the start and out again within {} (counts sampled every 20 ms)",
+            t.as_secs_f64(),
+            ms(s + Duration::from_millis(20))
+        )),
+        ejections.len(),
+        returns.len(),
+        100.0 * made / requests as f64,
+    );
+    eprintln!("500s with the defaults: {figures}");
+    report::figures("backend-faults", &figures);
+    assert!(requests > 200, "the load ran: {requests} requests");
+    assert_eq!((errors, failed), (0, 0), "every 500 was retried on another backend: {figures}");
+    assert_eq!(skipped, 0.0, "the budget refused a retry: {figures}");
+    let stopped = stopped.expect("passive ejection took the bad backend out");
+    assert!(stopped < Duration::from_secs(1), "it got requests for {stopped:?}: {figures}");
+    // Back after base_ejection (5 s), ejected again for 10 s, which outlasts the run.
+    assert_eq!((ejections.len(), returns.len()), (2, 1), "{figures}");
+    let (_, out_again) = again.expect("back from its first ejection, and out again");
+    assert!(out_again < Duration::from_secs(1), "{figures}");
+    // Each ejection costs the failures that trigger it plus the requests already on
+    // their way to it, at most one per client.
+    assert!(sent_to_bad <= ejections.len() * (5 + 16), "{figures}");
+}
+
 /// A backend in its own process (tests/fault/backend.py), so it can be frozen with
 /// SIGSTOP, killed with SIGKILL, or switched to slow or refusing at run time (SIGUSR1,
 /// SIGUSR2). Thawed and killed (by PID) when dropped.
@@ -357,15 +434,19 @@ fn frozen_backend(strategy: &str) -> String {
     let served_meanwhile = samples.iter().filter(|s| s.at >= frozen_at && s.at + s.latency < undetected).count();
     let stuck = sent_then.saturating_sub(sent_before);
     let rate = |s: &[&Sample], d: Duration| s.len() as f64 / d.as_secs_f64();
+    // The rate before: its last half second, when the clients' connections and the
+    // workers' plugin instances are warm.
+    let settled = Duration::from_millis(500);
+    let steady: Vec<&Sample> = before.iter().copied().filter(|s| s.at + settled >= frozen_at).collect();
+    let (rate_before, rate_during) = (rate(&steady, settled), rate(&during, thawed_at - frozen_at));
+    let throughput = rate_during / rate_before;
     let figures = format!(
-        "{strategy}: {} requests, 0 failed; detection {:.0} ms; p99 before {:.1} ms, during the freeze {:.0} ms, slowest {:.0} ms; {:.0} req/s before, {:.0} during; requests sent to the frozen backend while frozen: ~{stuck} before it was marked down, {} after; {served_meanwhile} requests served before the freeze was detected; back in the pool {:.0} ms after SIGCONT",
+        "{strategy}: {} requests, 0 failed; detection {:.0} ms; p99 before {:.1} ms, during the freeze {:.0} ms, slowest {:.0} ms; {rate_before:.0} req/s in the half second before, {rate_during:.0} during ({throughput:.2} of before; at least 0.5 asserted: 2/3 for the lost backend's share, less slack for a loaded 2-core machine); requests sent to the frozen backend while frozen: ~{stuck} before it was marked down, {} after; {served_meanwhile} requests served before the freeze was detected; back in the pool {:.0} ms after SIGCONT",
         samples.len(),
         detection.as_secs_f64() * 1e3,
         quantile_ms(&before, 0.99),
         quantile_ms(&during, 0.99),
         worst.as_secs_f64() * 1e3,
-        rate(&before, frozen_at),
-        rate(&during, thawed_at - frozen_at),
         sent_after - sent_then,
         back.as_secs_f64() * 1e3,
     );
@@ -376,6 +457,9 @@ fn frozen_backend(strategy: &str) -> String {
     let bound = detection + Duration::from_secs(3);
     assert!(worst <= bound, "a request waited {worst:?} (detection took {detection:?}): {figures}");
     assert_eq!(sent_after, sent_then, "requests went to the frozen backend after it was marked down: {figures}");
+    // Throughput falls by at most the frozen backend's share (a third), less slack: the
+    // clients, backends and gateway share 2 cores with whatever else runs.
+    assert!(throughput >= 0.5, "throughput during the freeze fell to {throughput:.2} of before: {figures}");
     if strategy != "round-robin" {
         // In-flight counts steer around the frozen backend before the health checks
         // notice: not every client gets stuck on it, and the others keep being served.

@@ -6,14 +6,16 @@
 //!   record's port and weight (a weight of 0 counts as 1).
 //!
 //! Instance ids are the socket addresses (`10.0.0.7:8080`): the same on every replica.
-//! A failed or empty answer keeps the last known backends and is logged: a DNS hiccup
-//! never empties the pool.
+//! A failed or empty answer (NXDOMAIN, or no records of the type asked) keeps the last
+//! known backends and is logged, each kind once until it changes: a DNS hiccup or a
+//! record set removed by mistake never empties the pool.
 
 use super::{Instance, Lookup, SourceState};
 use crate::config::{DnsRecordType, DnsSource};
 use crate::pool::Source;
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+use hickory_resolver::lookup::Lookup as Answer;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{RData, RecordType};
 use std::collections::HashMap;
@@ -47,8 +49,38 @@ fn resolver(cfg: &DnsSource) -> Result<TokioResolver, String> {
     builder.build().map_err(|e| format!("cannot build the DNS resolver: {e}"))
 }
 
-/// One lookup: the instances, and how long the answer may be kept.
-async fn resolve(r: &TokioResolver, cfg: &DnsSource) -> Result<(Vec<Instance>, Duration), String> {
+/// Why a lookup gave no backends; the text says what was asked and what came back.
+#[derive(Debug, PartialEq, Eq)]
+enum Miss {
+    /// The server answered without usable records: the name is gone (NXDOMAIN) or has
+    /// none of the type asked, as when a service is scaled to zero or its records are
+    /// removed by mistake.
+    Empty(String),
+    /// No usable answer: a timeout, a refusal, a server failure.
+    Failed(String),
+}
+
+impl Miss {
+    fn same_kind(&self, other: &Miss) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+    }
+}
+
+/// Asks `what` (`A books.service.test`) about `name`.
+async fn ask(r: &TokioResolver, name: &str, rtype: RecordType, what: &str) -> Result<Answer, Miss> {
+    r.lookup(name, rtype).await.map_err(|e| {
+        if e.is_nx_domain() {
+            Miss::Empty(format!("{what}: the name does not exist (NXDOMAIN)"))
+        } else if e.is_no_records_found() {
+            Miss::Empty(format!("{what}: the name has no {rtype} records"))
+        } else {
+            Miss::Failed(format!("{what}: {e}"))
+        }
+    })
+}
+
+/// One lookup: the instances and how long the answer may be kept, or why there are none.
+async fn resolve(r: &TokioResolver, cfg: &DnsSource) -> Result<(Vec<Instance>, Duration), Miss> {
     let name = cfg.name.as_str();
     let instance = |addr: SocketAddr, weight: u32| Instance {
         id: addr.to_string(),
@@ -65,7 +97,7 @@ async fn resolve(r: &TokioResolver, cfg: &DnsSource) -> Result<(Vec<Instance>, D
                 _ => (RecordType::AAAA, "AAAA"),
             };
             let port = cfg.port.unwrap_or(80);
-            let lookup = r.lookup(name, rtype).await.map_err(|e| format!("{what} {name}: {e}"))?;
+            let lookup = ask(r, name, rtype, &format!("{what} {name}")).await?;
             let ips: Vec<IpAddr> = lookup
                 .answers()
                 .iter()
@@ -75,13 +107,16 @@ async fn resolve(r: &TokioResolver, cfg: &DnsSource) -> Result<(Vec<Instance>, D
                     _ => None,
                 })
                 .collect();
+            if ips.is_empty() {
+                return Err(Miss::Empty(format!("{what} {name}: the answer has no {what} records")));
+            }
             Ok((
                 ips.into_iter().map(|ip| instance(SocketAddr::new(ip, port), 1)).collect(),
                 valid(lookup.valid_until()),
             ))
         }
         DnsRecordType::Srv => {
-            let lookup = r.lookup(name, RecordType::SRV).await.map_err(|e| format!("SRV {name}: {e}"))?;
+            let lookup = ask(r, name, RecordType::SRV, &format!("SRV {name}")).await?;
             let srvs: Vec<_> = lookup
                 .answers()
                 .iter()
@@ -91,15 +126,23 @@ async fn resolve(r: &TokioResolver, cfg: &DnsSource) -> Result<(Vec<Instance>, D
                 })
                 .collect();
             let Some(lowest) = srvs.iter().map(|s| s.priority).min() else {
-                return Ok((Vec::new(), valid(lookup.valid_until())));
+                return Err(Miss::Empty(format!("SRV {name}: the answer has no SRV records")));
             };
             let mut until = lookup.valid_until();
             let mut out = Vec::new();
             for srv in srvs.iter().filter(|s| s.priority == lowest) {
                 let target = srv.target.to_string();
-                let ips = r.lookup_ip(srv.target.clone()).await.map_err(|e| format!("SRV target {target}: {e}"))?;
+                // A target without an address fails the whole lookup, as any other failure:
+                // publishing the rest would drop that target's backends on a hiccup.
+                let ips = r
+                    .lookup_ip(srv.target.clone())
+                    .await
+                    .map_err(|e| Miss::Failed(format!("SRV target {target}: {e}")))?;
                 until = until.min(ips.valid_until());
                 out.extend(ips.iter().map(|ip| instance(SocketAddr::new(ip, srv.port), u32::from(srv.weight))));
+            }
+            if out.is_empty() {
+                return Err(Miss::Empty(format!("SRV {name}: no target has an address")));
             }
             Ok((out, valid(until)))
         }
@@ -124,23 +167,15 @@ pub(super) async fn run(
     };
     let server = cfg.resolver.clone().unwrap_or_else(|| "system".into());
     tracing::info!(upstream = %name, dns = %cfg.name, record = ?cfg.record_type, resolver = %server, refresh = ?cfg.refresh, "DNS discovery started");
-    let mut failing = false;
+    // Why the last lookup gave no backends (`None`: it gave some); logged at warn when
+    // it starts or changes kind, at debug while it lasts.
+    let mut trouble: Option<Miss> = None;
     loop {
         let wait = match resolve(&resolver, &cfg).await {
-            Ok((set, _)) if set.is_empty() => {
-                let e = format!("{}: the answer has no usable records", cfg.name);
-                if !failing {
-                    tracing::warn!(upstream = %name, dns = %cfg.name, resolver = %server, "DNS lookup found no backends; keeping the last known ones: {e}");
-                }
-                failing = true;
-                super::note(&states, &name, Err(e));
-                cfg.refresh
-            }
             Ok((set, ttl)) => {
-                if failing {
+                if trouble.take().is_some() {
                     tracing::info!(upstream = %name, dns = %cfg.name, instances = set.len(), "DNS lookup works again");
                 }
-                failing = false;
                 if let Some(up) = lookup(&name)
                     && let Some(p) = super::publish(&up, Source::Dns, &set)
                 {
@@ -149,15 +184,22 @@ pub(super) async fn run(
                 super::note(&states, &name, Ok(set.len()));
                 cfg.refresh.min(ttl.max(MIN_INTERVAL))
             }
-            Err(e) => {
-                if !failing {
-                    tracing::warn!(upstream = %name, dns = %cfg.name, resolver = %server, "DNS lookup failed; keeping the last known backends: {e}");
+            Err(miss) => {
+                let again = trouble.as_ref().is_some_and(|t| t.same_kind(&miss));
+                let (e, wait, what) = match &miss {
+                    Miss::Empty(e) => (e, cfg.refresh, "DNS lookup found no backends; keeping the last known ones"),
+                    Miss::Failed(e) => {
+                        (e, cfg.refresh.min(MIN_INTERVAL * 2), "DNS lookup failed; keeping the last known backends")
+                    }
+                };
+                if again {
+                    tracing::debug!(upstream = %name, dns = %cfg.name, "{what}: {e}");
                 } else {
-                    tracing::debug!(upstream = %name, dns = %cfg.name, "DNS lookup failed again: {e}");
+                    tracing::warn!(upstream = %name, dns = %cfg.name, resolver = %server, "{what}: {e}");
                 }
-                failing = true;
-                super::note(&states, &name, Err(e));
-                cfg.refresh.min(MIN_INTERVAL * 2)
+                super::note(&states, &name, Err(e.clone()));
+                trouble = Some(miss);
+                wait
             }
         };
         tokio::select! {

@@ -10,7 +10,10 @@
 //!   `pool.max_streams` requests at once (Envoy-style); another is opened when every
 //!   one is full, and a closed one (GOAWAY, error) is dropped and replaced. While one
 //!   connection is being opened, other requests for that backend wait for it instead of
-//!   opening their own.
+//!   opening their own. A request that a closing connection did not take comes back
+//!   unsent and goes on another; one the backend refused unprocessed (a stream after
+//!   the last one its GOAWAY names, or `REFUSED_STREAM`) is [`SendError::Refused`],
+//!   for the proxy to send again.
 //!
 //! A sweeper ticks once a second: idle connections unused for `pool.idle_timeout` are
 //! closed. The release path only reads the tick (no clock call per request).
@@ -145,6 +148,11 @@ pub enum SendError {
     Connect(String),
     /// The request was (at least partly) sent, and then the exchange failed.
     Other(String),
+    /// The backend refused the request's HTTP/2 stream without processing it: the
+    /// stream came after the last one its GOAWAY names, or was reset with
+    /// `REFUSED_STREAM` (RFC 9113 §6.8, §8.7). Safe to send again, even a `POST`, and no
+    /// fault of the backend's: closing a connection is not failing.
+    Refused(String),
     /// The backend went down while the request waited for its response headers (the
     /// proxy's verdict, not the connection's).
     BackendDown,
@@ -376,6 +384,7 @@ impl Conns {
                     // The connection was closing (GOAWAY, reset): nothing was sent.
                     Some(unsent) if !fresh => req = unsent,
                     Some(_) => return Err(SendError::Connect(error_chain(e.error()))),
+                    None if refused_unprocessed(e.error()) => return Err(SendError::Refused(error_chain(e.error()))),
                     None => return Err(SendError::Other(error_chain(e.error()))),
                 },
             }
@@ -440,6 +449,21 @@ impl Conns {
         })
         .await
     }
+}
+
+/// Whether the backend said it did not process the stream: a GOAWAY it sent names an
+/// earlier last stream (h2 gives the streams after it the GOAWAY as their error, while
+/// the ones up to it end normally or with the connection's I/O error), or it reset the
+/// stream with `REFUSED_STREAM`.
+fn refused_unprocessed(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.is_remote() && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM));
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// `connect` bounded by `timeout`: a connection (TCP, TLS, HTTP handshake) not made in

@@ -32,6 +32,11 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+/// How many times one request is sent again after a backend refused it unprocessed
+/// (HTTP/2 GOAWAY, REFUSED_STREAM): enough for a few connections closing at once, and a
+/// bound against a backend that refuses every stream.
+const MAX_RESENDS: u32 = 3;
+
 /// The client end of one connection, shared by its requests.
 #[derive(Debug)]
 pub struct ClientConn {
@@ -305,6 +310,9 @@ impl Proxy {
         let mut last_error: Option<Response<ResponseBody>> = None;
         // Why the previous attempt failed (what a retry is counted under).
         let mut retrying: Option<RetryReason> = None;
+        // Sends the backend refused unprocessed (HTTP/2 GOAWAY, REFUSED_STREAM): sent
+        // again without using up an attempt, at most MAX_RESENDS times.
+        let mut resent = 0;
         while outcome.attempts < upstream.retries.attempts {
             let pool = upstream.pool.snapshot();
             // After a pool change this worker's plugin instance is brought up to date off
@@ -375,7 +383,7 @@ impl Proxy {
             let guard = BackendStats::start(entry);
             let sent = Instant::now();
             let second = budget::second(sent);
-            if outcome.attempts == 1 {
+            if outcome.attempts == 1 && resent == 0 {
                 upstream.retry_budget.request(second);
             }
             let timeouts = &upstream.timeouts;
@@ -467,6 +475,7 @@ impl Proxy {
                 }
                 Ok(Err(conns::SendError::Connect(e))) => Failure::Connect(e),
                 Ok(Err(conns::SendError::Other(e))) => Failure::Other(e),
+                Ok(Err(conns::SendError::Refused(e))) => Failure::Refused(e),
                 Ok(Err(conns::SendError::BackendDown)) => Failure::BackendDown,
                 Ok(Err(conns::SendError::Local(e))) => Failure::Local(e),
                 Err(_) => Failure::Timeout(upstream.timeouts.response_header),
@@ -475,8 +484,9 @@ impl Proxy {
             let reason = failure.to_string();
             match failure {
                 // Health already took it out; the gateway's own shortage (descriptors)
-                // says nothing about the backend.
-                Failure::BackendDown | Failure::Local(_) => {}
+                // says nothing about the backend; a backend closing a connection is not
+                // failing.
+                Failure::BackendDown | Failure::Local(_) | Failure::Refused(_) => {}
                 _ => self.failed(upstream, entry, &reason),
             }
             let retry = match failure {
@@ -488,11 +498,24 @@ impl Proxy {
                 }
                 // Another backend would fail the same way.
                 Failure::Local(_) => false,
+                // Not processed: sent again (by the strategy's choice, on a new connection
+                // if it is the same backend) as if it had never been sent, when the body
+                // can still be sent whole.
+                Failure::Refused(_) if body.replayable() && resent < MAX_RESENDS => {
+                    resent += 1;
+                    outcome.attempts -= 1;
+                    tried.pop();
+                    tracing::debug!(upstream = %upstream.name, backend = %entry.id, "sending again a request the backend refused unprocessed: {reason}");
+                    continue;
+                }
+                Failure::Refused(_) => false,
             };
             let (status, generated, retry_reason) = match failure {
                 Failure::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, Generated::BackendTimeout, RetryReason::Timeout),
                 Failure::Connect(_) => (StatusCode::BAD_GATEWAY, Generated::BackendFailed, RetryReason::ConnectFailed),
-                Failure::Other(_) => (StatusCode::BAD_GATEWAY, Generated::BackendFailed, RetryReason::Error),
+                Failure::Other(_) | Failure::Refused(_) => {
+                    (StatusCode::BAD_GATEWAY, Generated::BackendFailed, RetryReason::Error)
+                }
                 Failure::BackendDown => (StatusCode::BAD_GATEWAY, Generated::BackendFailed, RetryReason::BackendDown),
                 Failure::Local(_) => {
                     (StatusCode::SERVICE_UNAVAILABLE, Generated::OutOfDescriptors, RetryReason::ConnectFailed)
@@ -596,6 +619,8 @@ async fn tunnel(
 enum Failure {
     Connect(String),
     Other(String),
+    /// The backend refused the HTTP/2 stream unprocessed ([`conns::SendError::Refused`]).
+    Refused(String),
     Timeout(Duration),
     /// The backend went down while the request waited for its response headers.
     BackendDown,
@@ -608,6 +633,7 @@ impl std::fmt::Display for Failure {
         match self {
             Failure::Connect(e) => write!(f, "connect failed: {e}"),
             Failure::Other(e) => write!(f, "{e}"),
+            Failure::Refused(e) => write!(f, "refused unprocessed: {e}"),
             Failure::Timeout(d) => write!(f, "no response headers within {d:?}"),
             Failure::BackendDown => write!(f, "the backend went down while the request waited for its answer"),
             Failure::Local(e) => write!(f, "the gateway could not connect: {e}"),

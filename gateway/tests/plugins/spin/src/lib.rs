@@ -2,6 +2,7 @@
 //! - `{}` (default): in `pick`;
 //! - `{"in": "pool-changed"}`: in every `pool-changed` (it then picks in turn);
 //! - `{"in": "pool-changed-when-degraded"}`: in `pool-changed` while any backend is down;
+//! - `{"in": "configure"}`: in `configure`, so no instance is ever ready;
 //! - `{"in": "pick-memory"}`: in `pick`, allocating memory until the limit stops it.
 use gateway_sdk::{Backend, Decision, Request, Strategy, host};
 
@@ -33,6 +34,9 @@ fn spin() {
 
 impl Strategy for Spin {
     fn configure(&mut self, params: &str) -> Result<(), String> {
+        if params.contains("\"configure\"") {
+            spin();
+        }
         self.mode = if params.contains("\"pick-memory\"") {
             Mode::PickMemory
         } else if params.contains("\"pool-changed-when-degraded\"") {
