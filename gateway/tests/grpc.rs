@@ -18,19 +18,9 @@ use util::{Ca, Gateway, TempDir};
 
 const SCRIPTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/grpc");
 
-/// The venv's Python with grpcio, or `None` (with the reason printed) when it is not
-/// installed; under CI a missing venv fails the test instead.
+/// The test venv's Python with grpcio (see [`util::venv_python`]).
 fn python() -> Option<PathBuf> {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-    let py = home.join(".cache/gateway-test-venv/bin/python");
-    let ok = Command::new(&py).args(["-c", "import grpc"]).output().map(|o| o.status.success()).unwrap_or(false);
-    if ok {
-        return Some(py);
-    }
-    let why = format!("{} with grpcio is missing: run scripts/test.sh (it installs the test venv)", py.display());
-    assert!(std::env::var_os("CI").is_none(), "{why}");
-    eprintln!("skipped: {why}");
-    None
+    util::venv_python("grpc", "grpcio")
 }
 
 /// A gRPC server process (tests/grpc/server.py); killed by its PID when dropped.

@@ -6,30 +6,15 @@
 mod util;
 
 use serde_json::Value;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use util::{Backend, Gateway, TempDir, get, report};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/h2/rapid_reset.py");
 
-fn python() -> Option<PathBuf> {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-    let py = home.join(".cache/gateway-test-venv/bin/python");
-    let ok = Command::new(&py).args(["-c", "import h2"]).output().map(|o| o.status.success()).unwrap_or(false);
-    if ok {
-        return Some(py);
-    }
-    let why =
-        format!("{} with the h2 package is missing: run scripts/test.sh (it installs the test venv)", py.display());
-    assert!(std::env::var_os("CI").is_none(), "{why}");
-    eprintln!("skipped: {why}");
-    None
-}
-
 #[test]
 fn a_rapid_reset_flood_is_sent_away_and_other_clients_keep_their_latency() {
-    let Some(py) = python() else { return };
+    let Some(py) = util::venv_python("h2", "the h2 package") else { return };
     let backend = Backend::new("backend-1");
     let dir = TempDir::new();
     let config = dir.write(

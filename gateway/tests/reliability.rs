@@ -157,18 +157,24 @@ fn scrape(admin: SocketAddr) -> HashMap<String, f64> {
         .collect()
 }
 
+/// Three backends, `bad` answering 500 to everything but `/healthz` and `good-1`,
+/// `good-2`, with their config lines; the backends run while the first value lives.
+fn one_answering_500() -> ([Backend; 3], String) {
+    let backends = [Backend::failing("bad", 500), Backend::new("good-1"), Backend::new("good-2")];
+    let list = backend_list(&[
+        ("bad".into(), backends[0].addr()),
+        ("good-1".into(), backends[1].addr()),
+        ("good-2".into(), backends[2].addr()),
+    ]);
+    (backends, list)
+}
+
 /// Runs the 500 scenario: three backends, one answering 500 to everything but
 /// `/healthz`, 16 clients for `seconds`; passive ejection off, so only retries are at
 /// work. Returns (client requests, retries the backends saw, 500s clients got, skipped
 /// retries in /metrics).
 fn five_hundreds(budget: &str, seconds: u64) -> (usize, usize, usize, f64) {
-    let bad = Backend::failing("bad", 500);
-    let good = [Backend::new("good-1"), Backend::new("good-2")];
-    let list = backend_list(&[
-        ("bad".into(), bad.addr()),
-        ("good-1".into(), good[0].addr()),
-        ("good-2".into(), good[1].addr()),
-    ]);
+    let (backends, list) = one_answering_500();
     let dir = TempDir::new();
     let gw = start(
         &dir,
@@ -183,7 +189,7 @@ fn five_hundreds(budget: &str, seconds: u64) -> (usize, usize, usize, f64) {
     let requests = samples.len();
     assert!(samples.iter().all(|s| s.status == 200 || s.status == 500), "only 200s and the backend's 500s");
     let errors = samples.iter().filter(|s| s.status == 500).count();
-    let at_backends = bad.hits().len() + good.iter().map(|b| b.hits().len()).sum::<usize>();
+    let at_backends = backends.iter().map(|b| b.hits().len()).sum::<usize>();
     let retries = at_backends - requests;
     let m = scrape(admin);
     let skipped = m.get("gateway_retries_skipped_total{upstream=\"web\",reason=\"budget\"}").copied().unwrap_or(-1.0);
@@ -233,13 +239,7 @@ fn a_backend_answering_500_with_the_defaults_is_ejected_and_no_client_sees_a_500
     // Nothing but the backends and the health-check path configured: passive ejection
     // after 5 failures in a row for 5 s (then 10 s, ...), the retry budget 20% + 10/s,
     // 3 attempts. /healthz passes, so only passive health sees the 500s.
-    let bad = Backend::failing("bad", 500);
-    let good = [Backend::new("good-1"), Backend::new("good-2")];
-    let list = backend_list(&[
-        ("bad".into(), bad.addr()),
-        ("good-1".into(), good[0].addr()),
-        ("good-2".into(), good[1].addr()),
-    ]);
+    let (backends, list) = one_answering_500();
     let dir = TempDir::new();
     let gw = start(
         &dir,
@@ -263,7 +263,7 @@ fn a_backend_answering_500_with_the_defaults_is_ejected_and_no_client_sees_a_500
     let requests = samples.len();
     let errors = samples.iter().filter(|s| s.status == 500).count();
     let failed = samples.iter().filter(|s| s.status != 200).count();
-    let sent_to_bad = bad.hits().iter().filter(|h| h.path != "/healthz").count();
+    let sent_to_bad = backends[0].hits().iter().filter(|h| h.path != "/healthz").count();
     let ejections = gw.logs_matching(|l| message(l).starts_with("backend ejected") && l["backend"] == "bad");
     let returns = gw.logs_matching(|l| message(l).starts_with("ejection over") && l["backend"] == "bad");
     let stopped = stopped_at(&counts, Duration::ZERO, run);

@@ -13,7 +13,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -277,29 +276,13 @@ fn http2_connections_closed_with_goaway_are_opened_again_without_failing_a_reque
     );
 }
 
-/// The venv's Python with the h2 package, or `None` (with the reason printed) when it is
-/// not installed; under CI a missing venv fails the test instead.
-fn python() -> Option<PathBuf> {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-    let py = home.join(".cache/gateway-test-venv/bin/python");
-    let ok = Command::new(&py).args(["-c", "import h2"]).output().map(|o| o.status.success()).unwrap_or(false);
-    if ok {
-        return Some(py);
-    }
-    let why =
-        format!("{} with the h2 package is missing: run scripts/test.sh (it installs the test venv)", py.display());
-    assert!(std::env::var_os("CI").is_none(), "{why}");
-    eprintln!("skipped: {why}");
-    None
-}
-
 /// Unlike hyper's graceful shutdown (a first GOAWAY, a PING round trip, then the last
 /// stream id), nginx and Go send one GOAWAY naming the last stream they processed: a
 /// request the gateway sent on a later stream meanwhile is refused unprocessed, and
 /// must be sent again on a new connection rather than fail.
 #[test]
 fn requests_a_single_goaway_left_unprocessed_are_sent_again() {
-    let Some(py) = python() else { return };
+    let Some(py) = util::venv_python("h2", "the h2 package") else { return };
     const PER_CONNECTION: usize = 25;
     const CLIENTS: usize = 4;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/h2/goaway_server.py");

@@ -39,6 +39,24 @@ use bytes::Bytes;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+/// The Python of the test venv (`~/.cache/gateway-test-venv`, made by scripts/test.sh)
+/// if it can `import MODULE` (`what` names the package in the message), or `None` with
+/// the reason printed; under CI a missing venv fails the test instead.
+pub fn venv_python(module: &str, what: &str) -> Option<std::path::PathBuf> {
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_default();
+    let py = home.join(".cache/gateway-test-venv/bin/python");
+    let import = format!("import {module}");
+    let ok =
+        std::process::Command::new(&py).args(["-c", &import]).output().map(|o| o.status.success()).unwrap_or(false);
+    if ok {
+        return Some(py);
+    }
+    let why = format!("{} with {what} is missing: run scripts/test.sh (it installs the test venv)", py.display());
+    assert!(std::env::var_os("CI").is_none(), "{why}");
+    eprintln!("skipped: {why}");
+    None
+}
+
 /// The runtime that runs the test backends and the client.
 pub fn rt() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
