@@ -182,14 +182,11 @@ fn backends(admin: SocketAddr) -> Vec<Value> {
     v["upstreams"][0]["backends"].as_array().unwrap().clone()
 }
 
-#[test]
-fn a_records_are_followed_under_traffic_and_a_dns_outage_keeps_the_pool() {
-    let dir = TempDir::new();
-    let (port, b) = same_port_backends(&["a1", "a2", "a3"]);
-    let hosts = dir.write("hosts", "127.0.0.2 books.service.test\n127.0.0.3 books.service.test\n");
-    let mut dns = Dnsmasq::start(hosts.clone(), vec![]);
+/// A gateway whose round-robin upstream follows the A records of `books.service.test`
+/// (two of them, on `port`) at `dns`, once both are backends that are up.
+fn following_two_a_records(dir: &TempDir, port: u16, dns: &Dnsmasq) -> Gateway {
     let gw = gateway(
-        &dir,
+        dir,
         &format!(
             "{{name: books.service.test, port: {port}, resolver: \"127.0.0.1:{}\", refresh: {}ms}}",
             dns.port,
@@ -203,6 +200,17 @@ fn a_records_are_followed_under_traffic_and_a_dns_outage_keeps_the_pool() {
         (bs.len() == 2 && bs.iter().all(|b| b["state"] == "up")).then_some(())
     })
     .expect("both A records become backends");
+    gw
+}
+
+#[test]
+fn a_records_are_followed_under_traffic_and_a_dns_outage_keeps_the_pool() {
+    let dir = TempDir::new();
+    let (port, b) = same_port_backends(&["a1", "a2", "a3"]);
+    let hosts = dir.write("hosts", "127.0.0.2 books.service.test\n127.0.0.3 books.service.test\n");
+    let mut dns = Dnsmasq::start(hosts.clone(), vec![]);
+    let gw = following_two_a_records(&dir, port, &dns);
+    let admin = gw.admin_addr();
     let ids: Vec<String> = backends(admin).iter().map(|b| b["id"].as_str().unwrap().to_owned()).collect();
     assert_eq!(ids, [b[0].addr().to_string(), b[1].addr().to_string()]);
     assert!(backends(admin).iter().all(|b| b["source"] == "dns"));
@@ -259,21 +267,8 @@ fn a_name_whose_records_are_all_removed_keeps_the_last_known_backends() {
     let (port, b) = same_port_backends(&["e1", "e2"]);
     let hosts = dir.write("hosts", "127.0.0.2 books.service.test\n127.0.0.3 books.service.test\n");
     let dns = Dnsmasq::start(hosts.clone(), vec![]);
-    let gw = gateway(
-        &dir,
-        &format!(
-            "{{name: books.service.test, port: {port}, resolver: \"127.0.0.1:{}\", refresh: {}ms}}",
-            dns.port,
-            REFRESH.as_millis()
-        ),
-        "round-robin",
-    );
+    let gw = following_two_a_records(&dir, port, &dns);
     let admin = gw.admin_addr();
-    poll_until(Duration::from_secs(15), Duration::from_millis(50), || {
-        let bs = backends(admin);
-        (bs.len() == 2 && bs.iter().all(|b| b["state"] == "up")).then_some(())
-    })
-    .expect("both A records become backends");
     let traffic = Traffic::start(gw.addr);
     traffic.wait(Instant::now(), Duration::from_secs(10), "e1 and e2 serve", |a| {
         a.iter().any(|n| n == "e1") && a.iter().any(|n| n == "e2")
