@@ -453,9 +453,9 @@ fn frozen_backend(strategy: &str) -> String {
     // Shown whatever happens next: a CI log keeps this line when it cuts the panic.
     eprintln!("frozen backend figures: {figures}");
     // No request waits for the 30 s response-header timeout: at most the detection time
-    // and one normal backend latency, plus slack for a loaded 2-core machine (one clean
-    // run saw a request take 3.86 s with detection at 0.75 s; the bug this guards
-    // against is a 30 s wait).
+    // and one normal backend latency, plus slack for a loaded 2-core machine (one run
+    // saw a request take 3.86 s with detection at 0.75 s, unexplained: `worst` spans the
+    // whole test, not only the freeze; the bug this guards against is a 30 s wait).
     let bound = detection + Duration::from_secs(6);
     assert!(worst <= bound, "a request waited {worst:?} (detection took {detection:?}): {figures}");
     assert_eq!(sent_after, sent_then, "requests went to the frozen backend after it was marked down: {figures}");
